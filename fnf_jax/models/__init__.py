@@ -1,0 +1,1 @@
+"""Linen modules of the diffusion stack (UNet, VAE, CLIP) and their weight conversion."""

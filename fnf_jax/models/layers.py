@@ -1,0 +1,104 @@
+"""Building blocks shared by every model family: layers with logical axis names and attention.
+
+Every parameter carries logical axis names (see `fnf_jax.sharding` for the rules that map them
+onto a mesh), so that switching between data parallelism and FSDP is a config change. Modules
+keep parameters in float32 and compute in `dtype`; normalisation statistics are always float32.
+
+Submodules are named after the diffusers / transformers PyTorch modules they mirror, with list
+indices joined by an underscore (`down_blocks.0.attentions.1` -> `down_blocks_0/attentions_1`),
+which is what lets `fnf_jax.models.convert` map checkpoints without per-layer tables.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names used on parameters.
+EMBED = "embed"  # model width (residual stream / channels of a ResNet block)
+MLP = "mlp"  # hidden width of feed-forward layers and attention projections' outputs
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"
+VOCAB = "vocab"
+NORM = "norm"
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def dense(features: int, axes: Sequence[str | None] = (EMBED, MLP), *, dtype: Dtype,
+          use_bias: bool = True, name: str | None = None) -> nn.Dense:
+  """nn.Dense whose kernel and bias carry logical axis names."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(axes)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+      name=name,
+  )
+
+
+def conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: int | None = None,
+         dtype: Dtype, name: str | None = None) -> nn.Conv:
+  """nn.Conv (NHWC) with PyTorch's symmetric padding and logical axis names."""
+  pad = kernel_size // 2 if padding is None else padding
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (CONV_OUT,)),
+      name=name,
+  )
+
+
+def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+  return nn.GroupNorm(
+      num_groups=num_groups,
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)),
+      name=name,
+  )
+
+
+def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)),
+      name=name,
+  )
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",
+              upcast: bool = False, is_causal: bool = False,
+              mask: jax.Array | None = None) -> jax.Array:
+  """Scaled dot-product attention on [B, T, heads, head_dim] through jax.nn.dot_product_attention.
+
+  `implementation` is "xla", "cudnn" (fused flash attention on NVIDIA GPUs) or "auto" (let JAX
+  pick). `upcast` computes the attention in float32, as diffusers' `upcast_attention` (SD 2.1).
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+        f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+  dtype = q.dtype
+  if upcast:
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  impl = None if implementation == "auto" else implementation
+  if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    impl = None  # cuDNN's fused kernels take half precision only; float32 goes to XLA.
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+  return out.astype(dtype)

@@ -1,0 +1,37 @@
+"""fnf_jax: Focus-N-Fix region-aware reward fine-tuning for text-to-image models, in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fnf_jax",
+    version="0.1.0",
+    description="Region-aware reward fine-tuning (Focus-N-Fix, DRaFT) for latent diffusion in JAX/Flax",
+    packages=find_packages(include=["fnf_jax", "fnf_jax.*"]),
+    package_data={"fnf_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.11,<3.13",
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.0,<1.2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "safetensors>=0.4.3,<0.9",
+        "tokenizers>=0.20,<0.24",
+        "pillow>=10,<14",
+        "tensorboardX>=2.6,<2.7",
+    ],
+    extras_require={
+        # PyTorch references that the parity tests compare against; never imported at run time.
+        "test": [
+            "torch==2.13.0",
+            "diffusers>=0.35,<0.43",
+            "transformers>=4.50,<6",
+            "pytest>=8,<10",
+            "pytest-xdist>=3,<4",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9.4,<4.10"],
+    },
+)
