@@ -1,0 +1,1 @@
+"""Run configurations (ml_collections); each file's docstring holds its exact commands."""

@@ -1,0 +1,41 @@
+"""Generate images from a diffusers-format Stable Diffusion checkpoint.
+
+    python -m fnf_jax.main --config=configs/sample.py --workdir=/tmp/samples \
+        --config.model.path=/models/stable-diffusion-v1-5
+
+Prompts from a file instead of the list below:
+
+    ... --config.prompts.source=text --config.prompts.path=prompts.txt
+
+Writes WORKDIR/samples/*.png and WORKDIR/samples/samples.json (prompt and seed of each image).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.job = "sample"
+
+  config.model = ml_collections.ConfigDict()
+  config.model.path = ""  # diffusers-format folder (model_index.json, unet/, vae/, ...). Required.
+  config.model.dtype = "float32"  # compute dtype: float32 or bfloat16.
+  config.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto.
+
+  config.prompts = ml_collections.ConfigDict()
+  config.prompts.source = "list"  # list | text | parti | i2p (see fnf_jax/data/prompts.py).
+  config.prompts.texts = ["a photograph of an astronaut riding a horse"]  # for source=list.
+  config.prompts.path = ""  # file for text / parti / i2p.
+  config.prompts.categories = []  # parti: Category values; i2p: categories to keep. [] = all.
+  config.prompts.eval_fraction = 0.0  # share held out as eval (hash of the prompt text).
+  config.prompts.split = "all"  # train | eval | all.
+
+  config.seeds = [0]  # one image per prompt and seed; x_T comes from the seed alone.
+  config.batch_size = 4  # images per generate() call.
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.num_steps = 50  # DDIM steps.
+  config.sampling.guidance_scale = 7.5  # classifier-free guidance; <= 1 disables it.
+  config.sampling.negative_prompt = ""
+  return config

@@ -1,0 +1,1 @@
+"""Prompt sources and the toy world's procedural data."""

@@ -1,0 +1,124 @@
+"""Prompt sources, chosen by name in a config, each split deterministically into train / eval.
+
+    source   file layout                                   filter
+    list     config.texts (a list of strings)              -
+    text     one prompt a line (UTF-8)                     -
+    parti    PartiPrompts TSV, column `Prompt`             `Category` in config.categories
+    i2p      I2P CSV, column `prompt`                      any of config.categories in `categories`
+
+Empty lines are skipped and over-long prompts (more tokens than the text encoder takes) are
+truncated as the tokenizer would, and both are reported with their line numbers, so a silently
+mangled prompt file cannot go unnoticed.
+"""
+
+import csv
+import dataclasses
+import hashlib
+from typing import Callable, Sequence
+
+from absl import logging
+
+SOURCES = ("list", "text", "parti", "i2p")
+SPLITS = ("train", "eval", "all")
+
+
+@dataclasses.dataclass
+class PromptReport:
+  """What loading found wrong with a prompt source (1-based line numbers in the file)."""
+
+  empty_lines: list[int] = dataclasses.field(default_factory=list)
+  too_long: list[int] = dataclasses.field(default_factory=list)
+  filtered_out: int = 0
+
+  def summary(self, where: str) -> str:
+    parts = []
+    if self.empty_lines:
+      parts.append(f"{len(self.empty_lines)} empty line(s) skipped (lines {_first(self.empty_lines)})")
+    if self.too_long:
+      parts.append(f"{len(self.too_long)} prompt(s) longer than the text encoder's context, "
+                   f"truncated (lines {_first(self.too_long)})")
+    if self.filtered_out:
+      parts.append(f"{self.filtered_out} row(s) outside the category filter")
+    return f"{where}: " + ("; ".join(parts) if parts else "all prompts used as they are")
+
+
+def _first(lines: list[int], n: int = 10) -> str:
+  shown = ", ".join(map(str, lines[:n]))
+  return shown + (", ..." if len(lines) > n else "")
+
+
+def _open(path: str):
+  try:
+    return open(path, newline="", encoding="utf-8")
+  except FileNotFoundError:
+    raise FileNotFoundError(f"prompt file not found: {path!r}") from None
+
+
+def _read_rows(cfg) -> list[tuple[int, str, str]]:
+  """(line number, prompt, categories) for every row of the source."""
+  if cfg.source == "list":
+    return [(i + 1, p, "") for i, p in enumerate(cfg.texts)]
+  if cfg.source == "text":
+    with _open(cfg.path) as f:
+      return [(i + 1, line.rstrip("\r\n"), "") for i, line in enumerate(f)]
+  column, cat_column, delimiter = {
+      "parti": ("Prompt", "Category", "\t"), "i2p": ("prompt", "categories", ",")}[cfg.source]
+  with _open(cfg.path) as f:
+    reader = csv.DictReader(f, delimiter=delimiter)
+    missing = {column, cat_column} - set(reader.fieldnames or ())
+    if missing:
+      raise ValueError(f"{cfg.path}: {cfg.source} layout needs column(s) {sorted(missing)}; "
+                       f"the header has {reader.fieldnames}")
+    # +2: the header is line 1 and csv rows start at line 2.
+    return [(i + 2, row[column] or "", row[cat_column] or "") for i, row in enumerate(reader)]
+
+
+def _keep(cfg, categories: str) -> bool:
+  wanted = [c.lower() for c in cfg.categories]
+  if not wanted:
+    return True
+  if cfg.source == "parti":
+    return categories.strip().lower() in wanted
+  present = {c.strip().lower() for c in categories.split(",")}  # I2P: "violence, shocking"
+  return bool(present & set(wanted))
+
+
+def _in_eval(prompt: str, eval_fraction: float) -> bool:
+  # Hash of the text: stable across runs, machines and file reorderings.
+  h = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+  return h / 2**64 < eval_fraction
+
+
+def load(cfg, split: str = "train", *,
+         count_tokens: Callable[[str], int] | None = None,
+         max_tokens: int = 77) -> tuple[list[str], PromptReport]:
+  """Prompts of `split` from the source described by `cfg` (a ConfigDict or namespace).
+
+  cfg fields: source, path, texts, categories, eval_fraction.
+  `count_tokens(prompt)`, when given, flags prompts with more than `max_tokens` tokens.
+  """
+  if cfg.source not in SOURCES:
+    raise ValueError(f"prompt source {cfg.source!r} is not one of {SOURCES}")
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} is not one of {SPLITS}")
+  report = PromptReport()
+  prompts = []
+  for line, prompt, categories in _read_rows(cfg):
+    prompt = " ".join(prompt.split())
+    if not prompt:
+      report.empty_lines.append(line)
+      continue
+    if not _keep(cfg, categories):
+      report.filtered_out += 1
+      continue
+    if count_tokens is not None and count_tokens(prompt) > max_tokens:
+      report.too_long.append(line)
+    if split == "all" or _in_eval(prompt, cfg.eval_fraction) == (split == "eval"):
+      prompts.append(prompt)
+  where = getattr(cfg, "path", "") or cfg.source
+  if not prompts:
+    raise ValueError(f"{where}: no prompts left for split {split!r} "
+                     f"(categories {list(cfg.categories)}, eval_fraction {cfg.eval_fraction})")
+  logging.info(report.summary(where))
+  return prompts, report
+

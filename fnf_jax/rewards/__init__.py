@@ -1,0 +1,1 @@
+"""Rewards (score + heatmap), their registry, and heatmap -> mask post-processing."""

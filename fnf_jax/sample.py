@@ -1,0 +1,58 @@
+"""The `sample` job: images for a prompt set and seeds, written as PNGs plus a JSON index."""
+
+import json
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from fnf_jax import pipeline
+from fnf_jax import progress
+from fnf_jax.data import prompts as prompts_lib
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """[H, W, 3] float in [0, 1] -> 8-bit PNG."""
+  Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def run(config, workdir: str) -> list[dict]:
+  if not config.model.path:
+    raise ValueError("config.model.path is empty: pass a diffusers-format Stable Diffusion "
+                     "folder with --config.model.path=/path/to/model")
+  pipe = pipeline.load(config.model.path, dtype=config.model.dtype,
+                       attention_impl=config.model.attention)
+  prompts, _ = prompts_lib.load(config.prompts, split=config.prompts.split)
+  jobs = [(p, seed) for p in prompts for seed in config.seeds]
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  records = []
+  bar = progress.Progress(len(jobs), label="sample")
+  for start in range(0, len(jobs), config.batch_size):
+    chunk = jobs[start:start + config.batch_size]
+    # One seed per image: each image's x_T depends on its own seed only, not on the batching.
+    latents = np.stack([
+        np.asarray(_latents(pipe, seed)) for _, seed in chunk])
+    images = pipe.generate([p for p, _ in chunk], latents=latents,
+                           num_inference_steps=config.sampling.num_steps,
+                           guidance_scale=config.sampling.guidance_scale,
+                           negative_prompt=config.sampling.negative_prompt)
+    for (prompt, seed), image in zip(chunk, images):
+      name = f"{len(records):05d}_seed{seed}.png"
+      save_png(image, os.path.join(out_dir, name))
+      records.append({"file": name, "prompt": prompt, "seed": seed})
+    bar.update(len(chunk))
+  meta = {"model": config.model.path, "num_steps": config.sampling.num_steps,
+          "guidance_scale": config.sampling.guidance_scale,
+          "negative_prompt": config.sampling.negative_prompt, "images": records}
+  with open(os.path.join(out_dir, "samples.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  logging.info("wrote %d images to %s", len(records), out_dir)
+  return records
+
+
+def _latents(pipe: pipeline.Pipeline, seed: int) -> np.ndarray:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return np.asarray(jax.random.normal(jax.random.key(seed), pipe.latent_shape))

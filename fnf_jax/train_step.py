@@ -1,0 +1,179 @@
+"""The Focus-N-Fix training step: one pure function, jitted by the loop with explicit shardings.
+
+    train_step(state, frozen, batch, rng) -> (state, metrics)
+
+state   TrainState: LoRA params, optimizer state, step (all that changes).
+frozen  {"unet", "vae", "text_encoder"[, "text_encoder_2"], "reward"}: arguments, never
+        closed over, so XLA does not constant-fold gigabytes of weights into the executable.
+batch   {"ids", "neg_ids": [E, B, 77] int32, "x_T": [B, h, w, C], ["noise": [S, B, h, w, C]],
+         ["reference": [B, H, W, 3], "mask": [B, H, W]] (cached reference mode)}.
+
+Per example: Î0 and M come from the frozen model with the same x_T and sampler noise (cached, or
+computed here without gradient); Î is sampled with the LoRA model, gradient through the last K
+steps (or DRaFT-LV copies) and the VAE decoder; the objective is in `fnf_jax.objective`.
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from fnf_jax import objective
+from fnf_jax import sampling
+from fnf_jax.models import lora as lora_lib
+from fnf_jax.rewards import masks
+from fnf_jax.rewards import registry
+
+GRADIENT_MODES = ("truncated", "lv", "full")
+REFERENCE_MODES = ("online", "cache")
+MASK_MODES = ("heatmap", "ones")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  lora: Any
+  opt_state: Any
+
+
+def optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warm-up (then constant or cosine), global-norm clipping, accumulation."""
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
+                                            max(cfg.decay_steps, cfg.warmup_steps + 1))
+  elif cfg.schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+                               optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+  else:
+    raise ValueError(f"optim.schedule {cfg.schedule!r} is not one of ['constant', 'cosine']")
+  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                   optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+  return tx
+
+
+def learning_rate(cfg, step) -> jax.Array:
+  """The schedule's value at an optimizer step (for logging)."""
+  warm = jnp.minimum(step / max(cfg.warmup_steps, 1), 1.0) * cfg.lr
+  if cfg.schedule == "constant":
+    return warm
+  progress = jnp.clip((step - cfg.warmup_steps) / max(cfg.decay_steps - cfg.warmup_steps, 1), 0, 1)
+  return jnp.where(step < cfg.warmup_steps, warm, cfg.lr * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+
+class Step:
+  """Builds the pure pieces of a run from its pipeline (modules), reward and config."""
+
+  def __init__(self, pipe, reward: registry.Reward, config):
+    self.pipe, self.reward, self.config = pipe, reward, config
+    t = config.train
+    for name, value, valid in (("train.gradient", t.gradient, GRADIENT_MODES),
+                               ("train.reference", t.reference, REFERENCE_MODES),
+                               ("objective.mask", config.objective.mask, MASK_MODES)):
+      if value not in valid:
+        raise ValueError(f"{name} = {value!r} is not one of {valid}")
+    self.tx = optimizer(config.optim)
+    self.lora_scale = lora_lib.scale(config.lora.rank, config.lora.alpha)
+
+  # --- sampling -----------------------------------------------------------------------------
+  def _denoiser(self, unet_params, frozen, batch, copies: int = 1):
+    pipe, s = self.pipe, self.config.sampling
+    cond = pipe.encode_prompts(frozen, batch["ids"])
+    uncond = pipe.encode_prompts(frozen, batch["neg_ids"])
+    if copies > 1:
+      cond, uncond = (jax.tree.map(lambda x: jnp.concatenate([x] * copies, axis=0), c)
+                      for c in (cond, uncond))
+    size = pipe.image_size
+    model = pipe.unet_model(unet_params, size, size)
+    guidance = s.guidance_scale if s.guidance_scale > 1 else None
+    return sampling.guided(model, cond, uncond if guidance else None, s.guidance_scale)
+
+  def reference(self, frozen, batch) -> tuple[jax.Array, jax.Array]:
+    """(Î0 [B, H, W, 3], M [B, H, W]) from the frozen model, without gradient."""
+    s = self.config.sampling
+    denoise = self._denoiser(frozen["unet"], frozen, batch)
+    x0, _ = sampling.sample(denoise, batch["x_T"], self.pipe.scheduler, num_steps=s.num_steps,
+                            eta=s.eta, noise=batch.get("noise"))
+    images = self.pipe.decode(frozen["vae"], x0)
+    if self.config.objective.mask == "ones":
+      mask = jnp.ones(images.shape[:3], jnp.float32)
+    else:
+      heat = self.reward.heatmap(frozen["reward"], images, batch["ids"])
+      mask = masks.from_config(heat, images.shape[1:3], self.config.mask)
+    return jax.lax.stop_gradient(images), jax.lax.stop_gradient(mask)
+
+  def _generate(self, lora, frozen, batch, rng, mask):
+    """Î with gradients w.r.t. the LoRA params, and the latent-term aux (or None)."""
+    cfg, s, t = self.config, self.config.sampling, self.config.train
+    unet_params = lora_lib.merge(frozen["unet"], lora, scale=self.lora_scale)
+    copies = t.lv_copies if t.gradient == "lv" else 1
+    denoise = self._denoiser(unet_params, frozen, batch)
+    aux_fn = None
+    if cfg.objective.gamma > 0:
+      base = self._denoiser(frozen["unet"], frozen, batch, copies)
+      h, w = batch["x_T"].shape[1:3]
+      m = jnp.concatenate([objective.latent_mask(mask, (h, w))] * copies, axis=0)
+      aux_fn = lambda x, tt, out: objective.latent_difference(
+          out, jax.lax.stop_gradient(base(x, tt)), m)
+    if t.gradient == "lv":
+      x0, aux = sampling.sample_lv(denoise, self._denoiser(unet_params, frozen, batch, copies),
+                                   batch["x_T"], self.pipe.scheduler, num_steps=s.num_steps,
+                                   copies=copies, rng=rng, eta=s.eta, noise=batch.get("noise"),
+                                   remat_policy=t.remat_policy, aux_fn=aux_fn)
+    else:
+      k = s.num_steps if t.gradient == "full" else t.grad_steps
+      x0, aux = sampling.sample(denoise, batch["x_T"], self.pipe.scheduler,
+                                num_steps=s.num_steps, eta=s.eta, noise=batch.get("noise"),
+                                grad_steps=k, remat_policy=t.remat_policy, aux_fn=aux_fn)
+    return self.pipe.decode(frozen["vae"], x0), aux, copies
+
+  def loss(self, lora, frozen, batch, rng, reference, mask):
+    cfg = self.config
+    images, aux, copies = self._generate(lora, frozen, batch, rng, mask)
+    tile = lambda x: jnp.concatenate([x] * copies, axis=0)
+    reference, mask, ids = tile(reference), tile(mask), jnp.concatenate([batch["ids"]] * copies, 1)
+    seen = objective.reward_input(images, mask, cfg.objective.reward_region)
+    rewards = self.reward.score(frozen["reward"], seen, ids)
+    total, metrics = objective.loss(rewards=rewards, images=images, reference=reference,
+                                    mask=mask, cfg=cfg.objective, latent_term=aux)
+    return total, (metrics, images)
+
+  # --- the step -----------------------------------------------------------------------------
+  def init_state(self, rng, unet_params) -> TrainState:
+    lora = lora_lib.init(rng, unet_params, rank=self.config.lora.rank,
+                         pattern=self.config.lora.targets)
+    return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=self.tx.init(lora))
+
+  def references(self, frozen, batch):
+    if self.config.train.reference == "cache":
+      return batch["reference"], batch["mask"]
+    return self.reference(frozen, batch)
+
+  def train_step(self, state: TrainState, frozen, batch, rng) -> tuple[TrainState, dict]:
+    reference, mask = self.references(frozen, batch)
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    (_, (metrics, _)), grads = grad_fn(state.lora, frozen, batch, rng, reference, mask)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.lora)
+    lora = optax.apply_updates(state.lora, updates)
+    opt_cfg = self.config.optim
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   update_norm=optax.global_norm(updates),
+                   lr=learning_rate(opt_cfg, state.step // max(opt_cfg.grad_accum, 1)))
+    return TrainState(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
+
+  def eval_images(self, lora, frozen, batch) -> jax.Array:
+    """Î of the current LoRA model (no gradient), for image panels and evaluation."""
+    s = self.config.sampling
+    unet_params = lora_lib.merge(frozen["unet"], lora, scale=self.lora_scale)
+    x0, _ = sampling.sample(self._denoiser(unet_params, frozen, batch), batch["x_T"],
+                            self.pipe.scheduler, num_steps=s.num_steps, eta=s.eta,
+                            noise=batch.get("noise"))
+    return self.pipe.decode(frozen["vae"], x0)
+
+
+def make(pipe, reward, config) -> tuple[Step, Callable]:
+  step = Step(pipe, reward, config)
+  return step, step.train_step
