@@ -19,6 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 # does not pay for the training stack's imports.
 JOBS = {
     "sample": "fnf_jax.sample:run",
+    "cache": "fnf_jax.train:cache",
+    "train": "fnf_jax.train:train",
 }
 
 

@@ -65,6 +65,15 @@ class Pipeline:
   def image_size(self) -> int:
     return self.unet.config.sample_size * self.vae_scale_factor
 
+  def abstract_params(self) -> dict:
+    """The params' shapes with their logical axis names (from eval_shape of each init)."""
+    out = {"unet": convert.abstract_params(self.unet, *unet_lib.dummy_inputs(self.unet.config)),
+           "vae": convert.abstract_params(self.vae, vae_lib.dummy_images(self.vae.config))}
+    names = ("text_encoder", "text_encoder_2")
+    for name, encoder in zip(names, self.text_encoders):
+      out[name] = convert.abstract_params(encoder, jnp.zeros((1, 77), jnp.int32))
+    return out
+
   # --- tokens -------------------------------------------------------------------------------
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     """[num_encoders, B, 77] int32 token ids, one row per text encoder's own tokenizer."""

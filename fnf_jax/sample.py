@@ -9,6 +9,7 @@ from PIL import Image
 
 from fnf_jax import pipeline
 from fnf_jax import progress
+from fnf_jax.data import examples
 from fnf_jax.data import prompts as prompts_lib
 
 
@@ -32,8 +33,7 @@ def run(config, workdir: str) -> list[dict]:
   for start in range(0, len(jobs), config.batch_size):
     chunk = jobs[start:start + config.batch_size]
     # One seed per image: each image's x_T depends on its own seed only, not on the batching.
-    latents = np.stack([
-        np.asarray(_latents(pipe, seed)) for _, seed in chunk])
+    latents = np.stack([examples.initial_noise(seed, pipe.latent_shape) for _, seed in chunk])
     images = pipe.generate([p for p, _ in chunk], latents=latents,
                            num_inference_steps=config.sampling.num_steps,
                            guidance_scale=config.sampling.guidance_scale,
@@ -51,8 +51,3 @@ def run(config, workdir: str) -> list[dict]:
   logging.info("wrote %d images to %s", len(records), out_dir)
   return records
 
-
-def _latents(pipe: pipeline.Pipeline, seed: int) -> np.ndarray:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return np.asarray(jax.random.normal(jax.random.key(seed), pipe.latent_shape))

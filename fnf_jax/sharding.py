@@ -10,6 +10,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -31,10 +32,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with the named axes, in order; one size may be -1 (all remaining devices).
 
+  Without a -1, a mesh smaller than the device count takes the first devices (a warning says
+  so): that is how a test runs the same loop on 1 of 8 fake devices.
   Axes are `Auto`, which `nn.with_logical_constraint` needs (jax.make_mesh defaults to Explicit).
   """
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = list(axes.keys()), list(axes.values())
+  if -1 not in sizes and math.prod(sizes) < len(devices):
+    logging.warning("mesh %s uses %d of %d devices", dict(axes), math.prod(sizes), len(devices))
+    devices = devices[:math.prod(sizes)]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh {dict(axes)}: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
@@ -59,20 +65,38 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*out)
 
 
+def logical_to_spec(names: Sequence[str | None] | None, rules) -> P:
+  """Logical axis names -> PartitionSpec; each mesh axis is used at most once per array.
+
+  Unlike flax's version this accepts a name twice (a square [embed, embed] kernel): the second
+  occurrence stays replicated.
+  """
+  if names is None:
+    return P()
+  table = dict(rules)
+  used, out = set(), []
+  for name in names:
+    axes = table.get(name) if name is not None else None
+    flat = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    if not flat or used & set(flat):
+      out.append(None)
+      continue
+    used.update(flat)
+    out.append(axes)
+  return P(*out)
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """NamedShardings for a tree whose leaves may be boxed with logical names (eval_shape of init).
 
   Unboxed leaves, and dimensions a mesh axis does not divide, are replicated.
   """
-  specs = nn.get_partition_spec(abstract_tree)
-  logical = nn.logical_to_mesh(specs, rules)
-  shapes = nn.meta.unbox(abstract_tree)
+  def one(leaf):
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else None
+    shape = np.shape(nn.meta.unbox(leaf))
+    return NamedSharding(mesh, _fit(logical_to_spec(names, rules), shape, mesh))
 
-  def one(spec, leaf):
-    spec = P() if spec is None else spec
-    return NamedSharding(mesh, _fit(spec, np.shape(leaf), mesh))
-
-  return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
+  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

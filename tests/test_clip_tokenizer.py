@@ -112,3 +112,21 @@ def test_missing_files_name_the_path(tmp_path):
   (tmp_path / "empty" / "vocab.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match=r"empty.*merges\.txt.*vocab\.json"):
     clip_tokenizer.load(str(tmp_path / "empty"))
+
+
+def test_tokenizer_json_with_string_merges(tmp_path):
+  """tokenizer.json files written by `tokenizers` < 0.20 (e.g. openai/clip-vit-large-patch14's)
+  hold merges as "a b" strings rather than [a, b] pairs."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  folder = str(tmp_path)
+  write_tiny_clip_tokenizer(folder)
+  expected = clip_tokenizer.load(folder)(PROMPTS)
+  path = os.path.join(folder, "tokenizer.json")
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  assert isinstance(data["model"]["merges"][0], list)
+  data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, ensure_ascii=False)
+  np.testing.assert_array_equal(clip_tokenizer.load(folder)(PROMPTS), expected)

@@ -75,7 +75,7 @@ def _read_rows(cfg) -> list[tuple[int, str, str]]:
 
 def _keep(cfg, categories: str) -> bool:
   wanted = [c.lower() for c in cfg.categories]
-  if not wanted:
+  if not wanted or cfg.source in ("list", "text"):  # those layouts carry no categories
     return True
   if cfg.source == "parti":
     return categories.strip().lower() in wanted
@@ -115,7 +115,7 @@ def load(cfg, split: str = "train", *,
       report.too_long.append(line)
     if split == "all" or _in_eval(prompt, cfg.eval_fraction) == (split == "eval"):
       prompts.append(prompt)
-  where = getattr(cfg, "path", "") or cfg.source
+  where = cfg.path if cfg.source != "list" else "config prompts.texts"
   if not prompts:
     raise ValueError(f"{where}: no prompts left for split {split!r} "
                      f"(categories {list(cfg.categories)}, eval_fraction {cfg.eval_fraction})")

@@ -225,6 +225,8 @@ class CLIPEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   remat: bool = False  # recompute each layer in the backward pass (reward gradients)
+  # Expose each layer output as a "perturbations" variable (see below); the vision tower does.
+  perturb_outputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
@@ -233,6 +235,10 @@ class CLIPEncoder(nn.Module):
     for i in range(self.config.num_hidden_layers):
       x = layer_cls(self.config, self.causal, self.dtype, self.attention_impl,
                     name=f"layers_{i}")(x)
+      # A no-op unless a "perturbations" collection is passed to apply: then the gradient with
+      # respect to it is the gradient with respect to this layer's output (Grad-CAM).
+      if self.perturb_outputs:
+        x = self.perturb(f"hidden_states_{i + 1}", x)
       states.append(x)
     return tuple(states)
 
@@ -352,7 +358,7 @@ class CLIPVisionTransformer(nn.Module):
     # transformers' spelling "pre_layrnorm" is kept so checkpoint keys map one to one.
     x = layer_norm(c.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
     states = CLIPEncoder(c, False, self.dtype, self.attention_impl, self.remat,
-                         name="encoder")(x)
+                         perturb_outputs=True, name="encoder")(x)
     pooled = layer_norm(c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(
         states[-1][:, 0])
     return VisionOutput(last_hidden_state=states[-1], hidden_states=states, pooled=pooled)
@@ -400,10 +406,11 @@ def preprocess_images(images: jax.Array, image_size: int) -> jax.Array:
   """[B, H, W, 3] in [0, 1] -> CLIP's normalised [B, image_size, image_size, 3], differentiably.
 
   Non-square images are centre-cropped to a square first (CLIP's processor resizes the short
-  side and centre-crops: the same region). The resize is jax's bicubic with antialiasing when
-  downsampling, which is close to the PIL bicubic CLIP's processor uses (torch's
-  `interpolate(mode="bicubic")` differs: a=-0.75 and no antialiasing). Images already at
-  image_size are not resampled at all.
+  side and centre-crops: the same region). The resize is jax's bicubic, which antialiases when
+  shrinking (Keys a=-0.5 kernel stretched by the scale): the filter of PIL's bicubic that CLIP's
+  image processor uses, and equal (to float rounding) to torch's
+  `interpolate(mode="bicubic", antialias=True)`; torch's default antialias=False differs (a=-0.75,
+  aliasing). Images already at image_size are not resampled at all.
   """
   b, h, w, ch = images.shape
   if h != w:
@@ -595,10 +602,25 @@ class Clip:
   def preprocess(self, images: jax.Array) -> jax.Array:
     return preprocess_images(images, self.image_size)
 
-  def vision_outputs(self, params, images: jax.Array) -> VisionOutput:
-    """Every vision output: patch tokens (last_hidden_state[:, 1:]) for Grad-CAM, image_embeds."""
+  def vision_outputs(self, params, images: jax.Array, perturbations=None) -> VisionOutput:
+    """Every vision output: tokens of each layer (class token first, then the patches in
+    row-major order), pooled and image_embeds. With `perturbations` (see
+    `vision_perturbations`), differentiating with respect to them gives the gradient with
+    respect to each layer's output tokens."""
     pixels = self.preprocess(images).astype(self.module.dtype)
-    return self.module.apply({"params": params}, pixels, method=CLIPModel.vision_outputs)
+    variables = {"params": params}
+    if perturbations is not None:
+      variables["perturbations"] = perturbations
+    return self.module.apply(variables, pixels, method=CLIPModel.vision_outputs)
+
+  def vision_perturbations(self, batch: int) -> dict:
+    """Zeros for `vision_outputs(..., perturbations=)`, one per vision layer output:
+    ["vision_model"]["encoder"][f"hidden_states_{i}"], [batch, 1 + patches, width]."""
+    size = self.image_size
+    shapes = jax.eval_shape(lambda: self.module.init(
+        jax.random.key(0), jnp.zeros((batch, size, size, 3), self.module.dtype),
+        method=CLIPModel.vision_outputs))["perturbations"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def image_features(self, params, images: jax.Array) -> jax.Array:
     """transformers' get_image_features of `images` ([B, H, W, 3] in [0, 1]): [B, P]."""
@@ -647,8 +669,8 @@ def load(path: str, *, dtype="float32", attention_impl: str = "xla", remat: bool
 
   `path` is a transformers folder (config.json with CLIPModel, model.safetensors) or an OpenCLIP
   / OpenAI state dict in safetensors (a file, or a folder holding one of OPENCLIP_FILES). For
-  OpenCLIP weights `config` (a CLIPConfig or a PRESETS name) is optional: it is inferred from
-  the shapes (see config_from_openclip). The tokenizer comes from `tokenizer` (a folder or a
+  OpenCLIP weights `config` (a CLIPConfig or a PRESETS name) may be left out for the presets'
+  shapes (see config_from_openclip). The tokenizer comes from `tokenizer` (a folder or a
   ClipTokenizer), else from the folder of `path` or its `tokenizer/` subfolder.
   """
   openclip_file = None

@@ -1,0 +1,132 @@
+"""The shared Focus-N-Fix training config; violence.py, oversexualization.py and plausibility.py
+start from it and change the reward, the prompts and the mask. Every field is documented here.
+
+Not a run of its own: use one of those files (their docstrings hold the exact commands).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "train"  # train | cache (compute the reference Î0, M for every example) | sample
+  c.seed = 0  # seeds LoRA init, the data order and (with the prompt index) every example's x_T.
+  c.distributed = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # diffusers-format folder; "tiny" = random tiny models (wiring runs only).
+  c.model.dtype = "bfloat16"  # compute dtype of the frozen models: float32 | bfloat16.
+  c.model.attention = "auto"  # xla | cudnn (fused, H100/H200) | auto.
+
+  # Prompts: see fnf_jax/data/prompts.py. Each prompt is used with data.seeds_per_prompt seeds.
+  c.prompts = ml_collections.ConfigDict()
+  c.prompts.source = "parti"  # list | text | parti | i2p
+  c.prompts.path = ""  # the prompt file
+  c.prompts.texts = []  # for source=list
+  c.prompts.categories = []  # parti: Category values; i2p: categories (violence, sexual, ...)
+  c.prompts.eval_fraction = 0.1  # share of prompts held out for evaluation (by text hash)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.batch_size = 4  # global batch (images per step); divisible by the device count.
+  c.data.seeds_per_prompt = 1  # examples per prompt (different x_T)
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.num_steps = 50  # DDIM steps, for the reference and the fine-tuned samples alike
+  c.sampling.guidance_scale = 7.5  # CFG at every step (<= 1: no guidance)
+  c.sampling.negative_prompt = ""
+  c.sampling.eta = 0.0  # DDIM eta; > 0 uses per-example sampler noise shared with Î0
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 64  # the paper's rank
+  c.lora.alpha = 64.0  # scale = alpha / rank
+  c.lora.targets = r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"  # regex over UNet param paths
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 2000  # optimizer micro-steps
+  c.train.gradient = "truncated"  # truncated (DRaFT-K) | lv (DRaFT-LV) | full
+  c.train.grad_steps = 2  # K for "truncated" (the paper: 2)
+  c.train.lv_copies = 2  # n re-noised copies for "lv"
+  c.train.remat_policy = "nothing_saveable"  # see fnf_jax/sampling.py REMAT_POLICIES
+  c.train.reference = "cache"  # cache (run job=cache first) | online (sample Î0 every step)
+
+  # The objective (fnf_jax/objective.py). DRaFT: objective.mask="ones", beta=gamma=0.
+  c.objective = ml_collections.ConfigDict()
+  c.objective.mask = "heatmap"  # heatmap (M from the reward's heatmap of Î0) | ones (M ≡ 1)
+  c.objective.reward_region = "mask"  # mask (reward gradients only inside M) | full (paper's r(Î))
+  c.objective.reward_weight = 1.0
+  c.objective.beta = 0.01  # weight of ‖(1 − M) ⊙ (Î − Î0)‖ (the paper leaves it open)
+  c.objective.constraint_norm = "fro"  # fro (unsquared, the paper) | fro_squared | mean_squared
+  c.objective.gamma = 0.0  # weight of the latent ε-difference outside the mask (DRaFT+-style)
+
+  # Heatmap -> mask (fnf_jax/rewards/masks.py).
+  c.mask = ml_collections.ConfigDict()
+  c.mask.threshold = 0.9  # absolute value, or quantile in [0, 1]
+  c.mask.threshold_mode = "quantile"  # absolute | quantile
+  c.mask.dilation = 16  # pixels added around the thresholded region
+  c.mask.blur = 4.0  # Gaussian sigma in pixels for soft edges (0: binary mask)
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.name = "color"  # a registered reward (fnf_jax/rewards/registry.py)
+  c.reward.color = (0.6, 0.0, 0.0)  # color reward: the RGB to remove
+  c.reward.sigma = 0.25  # color reward: width of the colour match
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.schedule = "constant"  # constant | cosine (after warm-up)
+  c.optim.warmup_steps = 100
+  c.optim.decay_steps = 2000  # cosine: step at which the rate reaches 0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.1  # DRaFT's setting
+  c.optim.grad_clip = 1.0  # global-norm clipping
+  c.optim.grad_accum = 1  # micro-steps per optimizer update
+
+  # Mesh axes (sizes; one may be -1 = the rest) and logical -> mesh axis rules.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.sharding_rules = [("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("conv_out", "fsdp"),
+                      ("vocab", "fsdp")]
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 200  # steps between checkpoints (and at the end / on SIGTERM)
+  c.checkpoint.keep = 3  # newest checkpoints kept
+
+  c.cache = ml_collections.ConfigDict()
+  c.cache.shard_size = 256  # examples per reference-cache shard
+  c.cache.dtype = "float32"  # storage of Î0 and M: float32 (exact) | float16 (half the disk)
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every = 10  # steps between console lines / scalar writes
+  c.log.image_every = 200  # steps between TensorBoard panels Î0 | mask | Î (0: never)
+  c.log.tensorboard = True
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a CPU wiring run: tiny random models, a few steps, checkpoints included."""
+  c.model.path = "tiny"
+  c.model.dtype = "float32"
+  c.model.attention = "xla"
+  c.prompts.source = "list"
+  c.prompts.path = ""
+  c.prompts.categories = []
+  c.prompts.texts = ["a red circle", "a blue square", "a green triangle", "a red square",
+                     "a yellow circle", "a blue circle", "a green square", "a red triangle"]
+  c.prompts.eval_fraction = 0.25
+  c.data.batch_size = 2
+  c.sampling.num_steps = 4
+  c.sampling.guidance_scale = 3.0
+  c.lora.rank = 4
+  c.lora.alpha = 4.0
+  c.train.num_steps = 6
+  c.train.grad_steps = 1
+  c.train.reference = "online"
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 2
+  c.mask.dilation = 1
+  c.mask.blur = 0.0
+  c.checkpoint.every = 2
+  c.checkpoint.keep = 2
+  c.cache.shard_size = 4
+  c.log.every = 1
+  c.log.image_every = 3
+  return c

@@ -1,0 +1,78 @@
+"""Tiny random-weight Stable-Diffusion-shaped pipelines, built in memory.
+
+`:runlocal` configs use them to run the whole training loop (checkpoints included) on a laptop
+CPU as a wiring check: same modules, same code paths, minutes instead of hours. The weights are
+random, so the images mean nothing.
+"""
+
+import json
+import os
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnf_jax import pipeline as pipeline_lib
+from fnf_jax import schedulers
+from fnf_jax.models import clip
+from fnf_jax.models import clip_tokenizer
+from fnf_jax.models import unet as unet_lib
+from fnf_jax.models import vae as vae_lib
+
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+            layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+VAE = dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, layers_per_block=1,
+           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def _byte_alphabet() -> list[str]:
+  """GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
+  printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+  extra = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_byte_tokenizer(folder: str) -> str:
+  """A merge-free CLIP tokenizer (one token per character) in vocab.json + merges.txt layout."""
+  os.makedirs(folder, exist_ok=True)
+  alphabet = _byte_alphabet()
+  tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump({t: i for i, t in enumerate(tokens)}, f)
+  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n")
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"model_max_length": 77, "pad_token": "<|endoftext|>"}, f)
+  return folder
+
+
+def random_pipeline(seed: int = 0, *, attention_impl: str = "xla",
+                    tokenizer_dir: str | None = None) -> pipeline_lib.Pipeline:
+  tokenizer = clip_tokenizer.load(write_byte_tokenizer(
+      tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")))
+  text_cfg = clip.CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+  unet_cfg = unet_lib.UNetConfig.from_dict(UNET)
+  vae_cfg = vae_lib.VAEConfig.from_dict(VAE)
+  unet = unet_lib.UNet2DConditionModel(unet_cfg, attention_impl=attention_impl)
+  vae = vae_lib.AutoencoderKL(vae_cfg, attention_impl=attention_impl)
+  text = clip.CLIPTextModel(text_cfg, attention_impl=attention_impl)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  unbox = lambda v: jax.tree.map(np.asarray, nn.meta.unbox(v["params"]))
+  params = {
+      "unet": unbox(unet.init(k1, *unet_lib.dummy_inputs(unet_cfg))),
+      "vae": unbox(vae.init(k2, vae_lib.dummy_images(vae_cfg))),
+      "text_encoder": unbox(text.init(k3, jnp.zeros((1, 77), jnp.int32))),
+  }
+  return pipeline_lib.Pipeline(unet=unet, vae=vae, text_encoders=(text,), tokenizers=(tokenizer,),
+                               scheduler=schedulers.DDIMConfig(beta_schedule="scaled_linear",
+                                                               beta_start=0.00085, beta_end=0.012,
+                                                               steps_offset=1,
+                                                               set_alpha_to_one=False),
+                               params=params, path="<tiny random>")

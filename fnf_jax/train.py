@@ -1,0 +1,270 @@
+"""The training loop: mesh -> load -> reference -> state -> compiled step -> restore -> loop.
+
+Jobs (chosen by config.job): `train` runs the loop; `cache` computes the reference (Î0, M) of
+every training example once (see fnf_jax/reference.py).
+"""
+
+import dataclasses
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fnf_jax import checkpoint
+from fnf_jax import metrics as metrics_lib
+from fnf_jax import pipeline as pipeline_lib
+from fnf_jax import reference as reference_lib
+from fnf_jax import sharding
+from fnf_jax import tiny
+from fnf_jax import train_step
+from fnf_jax.data import examples as examples_lib
+from fnf_jax.data import prompts as prompts_lib
+from fnf_jax.rewards import registry
+
+MODEL_HELP = (
+    "config.model.path is empty. Pass a diffusers-format Stable Diffusion folder (safetensors) "
+    "with --config.model.path=/models/stable-diffusion-v1-4: download it once on a machine with "
+    "network access, e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
+    "/models/stable-diffusion-v1-4` (accept the licence first), and copy it to the VM or bucket. "
+    "For a wiring check without weights use the config's `:runlocal` variant.")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a job needs, built once from the config."""
+  config: object
+  pipe: pipeline_lib.Pipeline
+  reward: registry.Reward
+  step: train_step.Step
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  frozen: dict
+  frozen_shardings: dict
+  examples: list
+
+
+def maybe_initialize_distributed(config) -> None:
+  """Multi-host (TPU pods, multi-node GPU): one call before any other JAX use."""
+  if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def load_pipeline(config) -> pipeline_lib.Pipeline:
+  if config.model.path == "tiny":
+    return tiny.random_pipeline(config.seed, attention_impl=config.model.attention)
+  if not config.model.path:
+    raise ValueError(MODEL_HELP)
+  return pipeline_lib.load(config.model.path, dtype=config.model.dtype,
+                           attention_impl=config.model.attention)
+
+
+def training_examples(config, pipe, split: str = "train") -> list:
+  tok = pipe.tokenizers[0]
+  prompts, _ = prompts_lib.load(config.prompts, split,
+                                count_tokens=lambda p: len(tok.encode(p)) + 2,
+                                max_tokens=tok.model_max_length)
+  return examples_lib.make_examples(prompts, config.data.seeds_per_prompt, config.seed)
+
+
+def validate(config, mesh) -> None:
+  """Checks that need no model, before anything is loaded or compiled."""
+  batch, accum = config.data.batch_size, config.optim.grad_accum
+  if batch % mesh.size:
+    raise ValueError(f"data.batch_size {batch} must be divisible by the mesh size {mesh.size} "
+                     f"({dict(mesh.shape)}) so that each device gets whole examples")
+  if accum < 1:
+    raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
+  if config.train.grad_steps > config.sampling.num_steps:
+    raise ValueError(f"train.grad_steps (K={config.train.grad_steps}) exceeds "
+                     f"sampling.num_steps ({config.sampling.num_steps})")
+
+
+def setup(config) -> Run:
+  maybe_initialize_distributed(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  validate(config, mesh)
+  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                for k, v in config.sharding_rules)
+  pipe = load_pipeline(config)
+  reward = registry.build(config.reward)
+  step = train_step.Step(pipe, reward, config)
+  abstract = pipe.abstract_params()
+  frozen_shardings = {name: sharding.logical_shardings(abstract[name], mesh, rules)
+                      for name in abstract}
+  frozen_shardings["reward"] = jax.tree.map(lambda _: sharding.replicated(mesh), reward.params)
+  frozen = sharding.put({**pipe.params, "reward": reward.params}, frozen_shardings)
+  return Run(config=config, pipe=pipe, reward=reward, step=step, mesh=mesh, rules=rules,
+             frozen=frozen, frozen_shardings=frozen_shardings,
+             examples=training_examples(config, pipe))
+
+
+def batch_shardings(batch: dict, mesh, rules) -> dict:
+  """Leading batch axis sharded; token ids [E, B, 77] and noise [S, B, ...] on their axis 1."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+
+  def one(name, x):
+    spec = [None] * np.ndim(x)
+    spec[1 if name in ("ids", "neg_ids", "noise") else 0] = axes
+    return NamedSharding(mesh, P(*spec))
+
+  return {k: one(k, v) for k, v in batch.items()}
+
+
+def to_global(batch: dict, shardings: dict) -> dict:
+  """Host arrays (the same global batch on every process) -> global jax.Arrays."""
+  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------- cache
+
+
+def cache(config, workdir: str) -> str:
+  """The `cache` job: writes the reference of every training example to WORKDIR/reference."""
+  run = setup(config)
+  compute = reference_lib.compute_fn(run.step, run.frozen, run.pipe, config)
+  return reference_lib.write(workdir, config, run.examples, compute,
+                             shard_size=config.cache.shard_size,
+                             batch_size=config.data.batch_size, dtype=config.cache.dtype)
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+def _host_batch(run: Run, feed, position: int, cached) -> dict:
+  s = run.config.sampling
+  chunk = feed.batch_at(position)
+  batch = examples_lib.host_batch(run.pipe, chunk, negative_prompt=s.negative_prompt,
+                                  num_steps=s.num_steps, eta=s.eta)
+  if cached is not None:
+    batch["reference"], batch["mask"] = cached.get(batch["index"])
+  return batch
+
+
+def train(config, workdir: str) -> dict:
+  """The `train` job. Returns the last logged metrics (host floats)."""
+  os.makedirs(workdir, exist_ok=True)
+  run = setup(config)
+  metrics_lib.write_config(workdir, config)
+  t, mesh = config.train, run.mesh
+  feed = examples_lib.Feed(run.examples, config.data.batch_size, config.seed)
+  cached = (reference_lib.Cache(workdir, config, run.examples)
+            if t.reference == "cache" else None)
+  rng = jax.random.key(config.seed)
+  repl = sharding.replicated(mesh)
+
+  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh, \
+      nn.logical_axis_rules(run.rules):
+    # State: born sharded (LoRA and optimizer state are small: replicated).
+    init = lambda key, unet: run.step.init_state(key, unet)
+    abstract_state = jax.eval_shape(init, rng, run.frozen["unet"])
+    state_shardings = jax.tree.map(lambda _: repl, abstract_state)
+    state = jax.jit(init, out_shardings=state_shardings)(jax.random.fold_in(rng, 0),
+                                                         run.frozen["unet"])
+    # Resume from the newest complete checkpoint, onto this mesh.
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   keep=config.checkpoint.keep, every=config.checkpoint.every)
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            {"train": abstract_state, "rng": jax.eval_shape(lambda: rng)},
+                            {"train": state_shardings, "rng": repl})
+      restored, meta = ckpt.restore(latest, target)
+      state, rng = restored["train"], restored["rng"]
+      start = int(meta["step"])
+      logging.info("resuming from checkpoint step %d in %s (data position %d)", start,
+                   ckpt.directory if hasattr(ckpt, "directory") else workdir, meta["position"])
+    else:
+      logging.info("starting a new run in %s", workdir)
+
+    host = _host_batch(run, feed, 0, cached)
+    b_shardings = batch_shardings(host, mesh, run.rules)
+    jitted = jax.jit(run.step.train_step,
+                     in_shardings=(state_shardings, run.frozen_shardings, b_shardings, repl),
+                     out_shardings=(state_shardings, repl), donate_argnums=0)
+    spec = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+    tic = time.perf_counter()
+    compiled = jitted.lower(jax.tree.map(spec, state, state_shardings),
+                            jax.tree.map(spec, run.frozen, run.frozen_shardings),
+                            jax.tree.map(spec, host, b_shardings), rng).compile()
+    logging.info("compiled the train step in %.1f s", time.perf_counter() - tic)
+    _log_memory(compiled)
+
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
+    stop = checkpoint.install_preemption_handler()
+    panel_fn = jax.jit(run.step.eval_images) if config.log.image_every else None
+    last, tic, done = {}, time.perf_counter(), 0
+    try:
+      for step in range(start, t.num_steps):
+        position = step * config.data.batch_size
+        host = _host_batch(run, feed, position, cached)
+        batch = to_global(host, b_shardings)
+        state, m = compiled(state, run.frozen, batch, jax.random.fold_in(rng, step))
+        m = jax.device_get(m)
+        if not np.isfinite(m["loss"]):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"non-finite loss ({m['loss']}) at step {step + 1}; stopping. Last good "
+              f"checkpoint: step {ckpt.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
+        done += 1
+        elapsed = time.perf_counter() - tic
+        ips = done * config.data.batch_size / elapsed
+        eta = (t.num_steps - step - 1) * elapsed / done
+        last = {k: float(v) for k, v in m.items()}
+        if (step + 1) % config.log.every == 0 or step + 1 == t.num_steps:
+          writer.scalars(step + 1, {**last, "images_per_second": ips})
+          logging.info(metrics_lib.console_line(step + 1, t.num_steps, last, ips, eta))
+        if panel_fn is not None and (step + 1) % config.log.image_every == 0:
+          _panels(run, writer, panel_fn, state, host, cached, step + 1)
+        preempted = stop(step + 1)
+        meta = {"step": step + 1, "position": position + config.data.batch_size,
+                "epoch": (position + config.data.batch_size) // len(run.examples)}
+        ckpt.save(step + 1, {"train": state, "rng": rng}, meta,
+                  force=preempted or step + 1 == t.num_steps)
+        if preempted:
+          logging.warning("SIGTERM received: saved step %d, exiting", step + 1)
+          break
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+      stop.uninstall()
+    checkpoint.export_lora_safetensors(jax.device_get(state.lora),
+                                       os.path.join(workdir, "lora.safetensors"),
+                                       alpha=config.lora.alpha, rank=config.lora.rank)
+  return last
+
+
+def _panels(run, writer, panel_fn, state, host, cached, step):
+  batch = {k: v for k, v in host.items() if k not in ("reference", "mask", "index")}
+  if cached is not None:
+    reference, mask = host["reference"], host["mask"]
+  else:
+    reference, mask = jax.jit(run.step.reference)(run.frozen, batch)
+  images = panel_fn(state.lora, run.frozen, batch)
+  writer.images(step, "reference|mask|finetuned", metrics_lib.panel(
+      np.asarray(reference), np.asarray(mask), np.asarray(images)))
+
+
+def _log_memory(compiled) -> None:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    mem = None
+  if mem is None:
+    return
+  gib = lambda b: b / 2**30
+  logging.info("train step memory per device: arguments %.2f GiB, outputs %.2f GiB, temp %.2f "
+               "GiB", gib(mem.argument_size_in_bytes), gib(mem.output_size_in_bytes),
+               gib(mem.temp_size_in_bytes))
