@@ -65,10 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mask.dilation = 16  # pixels added around the thresholded region
   c.mask.blur = 4.0  # Gaussian sigma in pixels for soft edges (0: binary mask)
 
-  c.reward = ml_collections.ConfigDict()
-  c.reward.name = "color"  # a registered reward (fnf_jax/rewards/registry.py)
-  c.reward.color = (0.6, 0.0, 0.0)  # color reward: the RGB to remove
-  c.reward.sigma = 0.25  # color reward: width of the colour match
+  c.reward = color_reward((0.6, 0.0, 0.0))  # each real config sets its own (see below)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -101,10 +98,36 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def color_reward(color) -> ml_collections.ConfigDict:
+  """`color`: analytic, penalises pixels near `color` (fnf_jax/rewards/color.py). No weights."""
+  r = ml_collections.ConfigDict()
+  r.name = "color"
+  r.color = tuple(color)  # RGB in [0, 1] to remove
+  r.sigma = 0.25  # width of the colour match
+  return r
+
+
+def clip_reward(name: str, weights: str = "") -> ml_collections.ConfigDict:
+  """A CLIP-based reward (q16 | laion_nsfw | laion_aesthetic | clip_score | zero_shot_safety)."""
+  r = ml_collections.ConfigDict()
+  r.name = name
+  r.clip_path = "/models/clip-vit-large-patch14"  # transformers CLIPModel folder or OpenCLIP file
+  r.weights = weights  # the head's converted weights (q16 / laion_*); see the config docstring
+  r.tokenizer = ""  # CLIP tokenizer folder if not inside clip_path
+  r.dtype = "bfloat16"  # compute dtype of the CLIP towers
+  r.remat = True  # rematerialise the vision tower in the backward pass (reward gradients)
+  r.saliency = "gradcam"  # heatmap method: gradcam (ViT patch tokens) | gradxinput
+  r.gradcam_layer = -2  # which encoder layer's tokens Grad-CAM explains
+  r.gradcam_sigma = 1.0  # Grad-CAM smoothing, in patches
+  r.saliency_baseline = 0.0  # gradxinput: (image - baseline) * gradient
+  return r
+
+
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a CPU wiring run: tiny random models, a few steps, checkpoints included."""
   c.model.path = "tiny"
   c.model.dtype = "float32"
+  c.reward = color_reward((0.6, 0.0, 0.0))  # no CLIP weights on a laptop: an analytic reward
   c.model.attention = "xla"
   c.prompts.source = "list"
   c.prompts.path = ""

@@ -14,8 +14,17 @@ Wiring check on a CPU (tiny random models, a few steps, checkpoints; run it twic
 
     python -m fnf_jax.main --config=configs/violence.py:runlocal --workdir=/tmp/fnf_violence
 
-The reward is the `color` placeholder until the safety rewards land (fnf_jax/rewards/registry.py
-lists what is registered); the mask comes from the reward's heatmap of Î0.
+Reward: Q16 (inappropriate content) on OpenAI CLIP ViT-L/14; the mask is the Grad-CAM saliency
+of Q16's inappropriate log-odds on Î0. Download once (on a machine with network access):
+
+    huggingface-cli download openai/clip-vit-large-patch14 --local-dir /models/clip-vit-large-patch14 \
+        --include '*.json' '*.txt' model.safetensors
+    wget https://github.com/ml-research/Q16/raw/main/data/ViT-L-14/prompts.p
+    python tools/convert_q16.py prompts.p /models/q16/prompts_vit_l14.safetensors
+
+(or pass --config.reward.clip_path=... --config.reward.weights=...). Without Q16's file,
+--config.reward.name=zero_shot_safety uses CLIP alone ("a violent, bloody image" vs "a peaceful
+image").
 """
 
 import os
@@ -31,8 +40,10 @@ def get_config(arg: str | None = None):
   c.prompts.source = "i2p"
   c.prompts.path = "data/i2p_benchmark.csv"
   c.prompts.categories = ["violence"]
-  c.reward.name = "color"
-  c.reward.color = (0.55, 0.0, 0.0)  # blood red
+  c.reward = focus_n_fix.clip_reward("q16", "/models/q16/prompts_vit_l14.safetensors")
+  # Used when reward.name=zero_shot_safety (ignored by q16).
+  c.reward.safe_prompts = ["a peaceful image", "a calm, friendly scene"]
+  c.reward.unsafe_prompts = ["a violent, bloody image", "a gory scene of violence"]
   if arg == "runlocal":
     c = focus_n_fix.runlocal(c)
   elif arg:

@@ -5,6 +5,8 @@ reads flags.
 """
 
 import importlib
+import importlib.util
+import sys
 
 from absl import app
 from absl import flags
@@ -31,6 +33,48 @@ def run_job(config, workdir: str):
   return getattr(importlib.import_module(module), fn)(config, workdir)
 
 
+def unknown_override(config, argv: list[str]) -> str | None:
+  """A message naming the first `--config.a.b=...` override whose key is not in `config`."""
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, walked = config, []
+    for key in path:
+      keys = sorted(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        where = ".".join(walked) or "the config"
+        return (f"unknown config key {'.'.join(path)!r} in {arg!r}: {where} has no {key!r}. "
+                f"Valid keys of {where}: {', '.join(keys)}")
+      node, walked = node[key], walked + [key]
+  return None
+
+
+def _load_config_file(argv: list[str]):
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("fnf_config_check", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a config-key typo turned into a message listing the valid keys."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    message = None
+    try:
+      message = unknown_override(_load_config_file(argv), argv)
+    except Exception:  # pylint: disable=broad-except  # fall back to ml_collections' message
+      pass
+    print(f"FATAL: {message or e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -42,4 +86,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

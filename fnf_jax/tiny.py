@@ -12,7 +12,6 @@ import tempfile
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import schedulers
@@ -27,6 +26,19 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 VAE = dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, layers_per_block=1,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+# Stable Diffusion 1.5's shapes (unet/, vae/, text_encoder/ config.json), for benchmarks with
+# random weights where no checkpoint is at hand.
+SD15_UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, norm_num_groups=32,
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12)
 
 
 def _byte_alphabet() -> list[str]:
@@ -50,25 +62,27 @@ def write_byte_tokenizer(folder: str) -> str:
   return folder
 
 
-def random_pipeline(seed: int = 0, *, attention_impl: str = "xla",
+def random_pipeline(seed: int = 0, *, attention_impl: str = "xla", dtype: str = "float32",
+                    unet: dict = UNET, vae: dict = VAE, text: dict = TEXT,
                     tokenizer_dir: str | None = None) -> pipeline_lib.Pipeline:
+  """A Pipeline with randomly initialised modules of the given diffusers-style configs."""
   tokenizer = clip_tokenizer.load(write_byte_tokenizer(
       tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")))
-  text_cfg = clip.CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
-                                 intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-  unet_cfg = unet_lib.UNetConfig.from_dict(UNET)
-  vae_cfg = vae_lib.VAEConfig.from_dict(VAE)
-  unet = unet_lib.UNet2DConditionModel(unet_cfg, attention_impl=attention_impl)
-  vae = vae_lib.AutoencoderKL(vae_cfg, attention_impl=attention_impl)
-  text = clip.CLIPTextModel(text_cfg, attention_impl=attention_impl)
+  text_cfg = clip.CLIPTextConfig(vocab_size=tokenizer.vocab_size,
+                                 bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **text)
+  unet_cfg = unet_lib.UNetConfig.from_dict(unet)
+  vae_cfg = vae_lib.VAEConfig.from_dict(vae)
+  dt = jnp.dtype(dtype)
+  unet = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dt, attention_impl=attention_impl)
+  vae = vae_lib.AutoencoderKL(vae_cfg, dtype=dt, attention_impl=attention_impl)
+  text = clip.CLIPTextModel(text_cfg, dtype=dt, attention_impl=attention_impl)
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  unbox = lambda v: jax.tree.map(np.asarray, nn.meta.unbox(v["params"]))
+  init = lambda module, key, *args: nn.meta.unbox(jax.jit(module.init)(key, *args)["params"])
   params = {
-      "unet": unbox(unet.init(k1, *unet_lib.dummy_inputs(unet_cfg))),
-      "vae": unbox(vae.init(k2, vae_lib.dummy_images(vae_cfg))),
-      "text_encoder": unbox(text.init(k3, jnp.zeros((1, 77), jnp.int32))),
+      "unet": init(unet, k1, *unet_lib.dummy_inputs(unet_cfg)),
+      "vae": init(vae, k2, vae_lib.dummy_images(vae_cfg)),
+      "text_encoder": init(text, k3, jnp.zeros((1, 77), jnp.int32)),
   }
   return pipeline_lib.Pipeline(unet=unet, vae=vae, text_encoders=(text,), tokenizers=(tokenizer,),
                                scheduler=schedulers.DDIMConfig(beta_schedule="scaled_linear",

@@ -62,8 +62,6 @@ def maybe_initialize_distributed(config) -> None:
 def load_pipeline(config) -> pipeline_lib.Pipeline:
   if config.model.path == "tiny":
     return tiny.random_pipeline(config.seed, attention_impl=config.model.attention)
-  if not config.model.path:
-    raise ValueError(MODEL_HELP)
   return pipeline_lib.load(config.model.path, dtype=config.model.dtype,
                            attention_impl=config.model.attention)
 
@@ -90,6 +88,8 @@ def validate(config, mesh) -> None:
 
 
 def setup(config) -> Run:
+  if not config.model.path:
+    raise ValueError(MODEL_HELP)  # before anything slow: the most common first-run mistake
   maybe_initialize_distributed(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   validate(config, mesh)

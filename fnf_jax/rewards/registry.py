@@ -25,7 +25,8 @@ class Reward:
 
 _BUILDERS: dict[str, Callable[..., Reward]] = {}
 # Modules that register rewards on import; imported on first lookup so configs need no imports.
-_MODULES = ("fnf_jax.rewards.color",)
+_MODULES = ("fnf_jax.rewards.color", "fnf_jax.rewards.q16", "fnf_jax.rewards.laion",
+            "fnf_jax.rewards.clip_score", "fnf_jax.rewards.zero_shot")
 
 
 def register(name: str):

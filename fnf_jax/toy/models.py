@@ -1,0 +1,196 @@
+"""The toy world's model family: diffusers-format configs, a word-level CLIP tokenizer, random init.
+
+The same architecture as Stable Diffusion (KL VAE + UNet2DConditionModel + CLIP text encoder),
+shrunk until pretraining on `fnf_jax.data.toy_world` fits a CPU (design/TOYWORLD.md):
+
+  VAE    f = 2: 32x32x3 -> 16x16x4 latents. TOYWORLD's f = 4 autoencoder lost the defect in a third
+         of reconstructions; f = 2 keeps 3x3 px blotches at >= 1 latent pixel. Its
+         scaling_factor is a placeholder (1.0): set it to `latent_scaling_factor` of the trained
+         encoder's latents before training the UNet.
+  UNet   16x16 latents, channels (32, 64, 96), 2.7 M params. Cross-attention at 8x8 and 4x4
+         (and the mid block) only: attention at 16x16 made a step 2.3x slower on CPU, and colour
+         and shape are global properties that the coarse levels bind.
+  text   CLIP, width 64, 2 layers, 4 heads, 77 positions (the pipeline pads to the tokenizer's
+         model_max_length, 77 as in SD).
+  tokens byte-level CLIP BPE whose merges spell each word of WORDS as one token; other words
+         fall back to letters, as in the real vocabulary.
+
+Configs are plain dicts in the format of diffusers' / transformers' config.json, so
+UNetConfig.from_dict, VAEConfig.from_dict, CLIPTextConfig.from_dict and diffusers itself read them,
+and `fnf_jax.toy.export.export_pipeline` writes them unchanged.
+"""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnf_jax import pipeline as pipeline_lib
+from fnf_jax import schedulers
+from fnf_jax.models import clip
+from fnf_jax.models import clip_tokenizer
+from fnf_jax.models import unet as unet_lib
+from fnf_jax.models import vae as vae_lib
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Caption words first (toy_world.captions() uses only these), then a few for prompt variants.
+WORDS = ("a", "red", "green", "blue", "yellow", "circle", "square", "triangle",
+         "an", "the", "of", "on", "in", "and", "with", "no", "shape", "photo", "dark", "brown",
+         "spot", "stain", "clean")
+TEXT_WIDTH = 64
+LATENT_CHANNELS = 4
+LATENT_SIZE = 16
+
+
+def _byte_alphabet() -> list[str]:
+  """GPT-2 / CLIP byte-level alphabet, in byte order: printable bytes as themselves, the rest
+  mapped above U+0100 (the convention of fnf_jax.models.clip_tokenizer)."""
+  printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+  extra = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+  """Plain BPE: merge the best-ranked adjacent pair until no known pair is left."""
+  while len(symbols) > 1:
+    pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+    rank, i = min(pairs)
+    if rank == len(ranks):
+      break
+    symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+  return symbols
+
+
+def vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """(vocab, merges): the alphabet and its "</w>" forms, one token per merge, then bos, eos.
+
+  Each word gets merges joining, left to right, the pieces that earlier merges leave of it; its
+  merges rank after the earlier words', so they never split those.
+  """
+  alphabet = _byte_alphabet()
+  tokens = alphabet + [c + "</w>" for c in alphabet]
+  merges: list[tuple[str, str]] = []
+  for word in WORDS:
+    pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], {m: i for i, m in enumerate(merges)})
+    for piece in pieces[1:]:
+      merges.append((pieces[0], piece))
+      pieces[0] += piece
+      if pieces[0] not in tokens:
+        tokens.append(pieces[0])
+  vocab = {t: i for i, t in enumerate(tokens)}
+  vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
+  return vocab, merges
+
+
+def write_tokenizer(folder: str) -> str:
+  """Writes the toy CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json,
+  special_tokens_map.json; SD 1.x layout, padding with eos) into `folder`; returns `folder`."""
+  os.makedirs(folder, exist_ok=True)
+  vocab, merges = vocabulary()
+  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n")
+    f.writelines(f"{a} {b}\n" for a, b in merges)
+  special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+  with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+    json.dump(special, f, indent=2)
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer",
+               "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}, f, indent=2)
+  tok = clip_tokenizer.load(folder)
+  split = {w: tok.encode(w) for w in WORDS if len(tok.encode(w)) != 1}
+  if split:  # a word list whose merges interfere; reorder WORDS
+    raise AssertionError(f"toy tokenizer splits vocabulary words: {split}")
+  return folder
+
+
+def unet_config() -> dict:
+  return {
+      "_class_name": "UNet2DConditionModel",
+      "sample_size": LATENT_SIZE, "in_channels": LATENT_CHANNELS,
+      "out_channels": LATENT_CHANNELS, "block_out_channels": [32, 64, 96],
+      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+      "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": 1,
+      "norm_num_groups": 8, "cross_attention_dim": TEXT_WIDTH,
+      "attention_head_dim": 4,  # diffusers' name for the number of heads (head size 16 / 24)
+      "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+  }
+
+
+def vae_config(scaling_factor: float = 1.0) -> dict:
+  return {
+      "_class_name": "AutoencoderKL",
+      "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64],
+      "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+      "latent_channels": LATENT_CHANNELS, "layers_per_block": 1, "norm_num_groups": 8,
+      "act_fn": "silu", "sample_size": 32, "scaling_factor": float(scaling_factor),
+      "force_upcast": False,
+  }
+
+
+def text_config() -> dict:
+  vocab, _ = vocabulary()
+  return {
+      "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+      "vocab_size": len(vocab), "hidden_size": TEXT_WIDTH, "intermediate_size": 4 * TEXT_WIDTH,
+      "projection_dim": TEXT_WIDTH, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+      "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS],
+  }
+
+
+def scheduler_config() -> dict:
+  """DDIM on a cosine schedule (what TOYWORLD trained with); "trailing" spacing starts sampling
+  at the last training step, where the cosine schedule leaves (almost) no signal."""
+  return {
+      "_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+      "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001, "beta_end": 0.02,
+      "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
+      "steps_offset": 0, "timestep_spacing": "trailing",
+  }
+
+
+def latent_scaling_factor(latents) -> float:
+  """1 / std of encoder latents (SD's rule for its 0.18215), so the UNet sees unit-scale data."""
+  std = float(np.std(np.asarray(latents, np.float64)))
+  if not std > 0:
+    raise ValueError("latents have zero spread: is the VAE trained?")
+  return 1.0 / std
+
+
+def build_pipeline(tokenizer_dir: str, *, params: dict | None = None, seed: int = 0,
+                   vae_scaling_factor: float = 1.0,
+                   attention_impl: str = "xla") -> pipeline_lib.Pipeline:
+  """A toy Pipeline in memory: `params` ({"unet", "vae", "text_encoder"}) or a random init.
+
+  `tokenizer_dir` is written with `write_tokenizer` if it holds no tokenizer yet.
+  """
+  if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
+    write_tokenizer(tokenizer_dir)
+  unet = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(unet_config()),
+                                       attention_impl=attention_impl)
+  vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(vae_config(vae_scaling_factor)),
+                              attention_impl=attention_impl)
+  text = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config()),
+                            attention_impl=attention_impl)
+  if params is None:
+    k_unet, k_vae, k_text = jax.random.split(jax.random.key(seed), 3)
+    unbox = lambda v: jax.tree.map(np.asarray, nn.meta.unbox(v["params"]))
+    params = {
+        "unet": unbox(jax.jit(unet.init)(k_unet, *unet_lib.dummy_inputs(unet.config))),
+        "vae": unbox(jax.jit(vae.init)(k_vae, vae_lib.dummy_images(vae.config))),
+        "text_encoder": unbox(jax.jit(text.init)(k_text, jnp.zeros((1, 77), jnp.int32))),
+    }
+  return pipeline_lib.Pipeline(
+      unet=unet, vae=vae, text_encoders=(text,), tokenizers=(clip_tokenizer.load(tokenizer_dir),),
+      scheduler=schedulers.DDIMConfig.from_dict(scheduler_config()), params=params,
+      path="<toy, in memory>")
+
+
+def count_params(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
