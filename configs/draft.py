@@ -1,6 +1,6 @@
 """Global DRaFT (Clark et al., 2024): the baseline, as the same code with M ≡ 1 and β = γ = 0.
 
-    python -m fnf_jax.main --config=configs/draft.py --workdir=gs://bucket/draft \
+    python -m fnf_jax.main --config=configs/draft.py --workdir=/mnt/bucket/draft \
         --config.model.path=/models/stable-diffusion-v1-4
 
 Wiring check on a CPU:

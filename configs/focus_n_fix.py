@@ -123,6 +123,15 @@ def clip_reward(name: str, weights: str = "") -> ml_collections.ConfigDict:
   return r
 
 
+def variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config argument (`--config=configs/x.py:runlocal`); None keeps the real run."""
+  if arg == "runlocal":
+    return runlocal(c)
+  if arg:
+    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
+  return c
+
+
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a CPU wiring run: tiny random models, a few steps, checkpoints included."""
   c.model.path = "tiny"

@@ -2,9 +2,9 @@
 
 Real run (compute the reference once, then train):
 
-    python -m fnf_jax.main --config=configs/oversexualization.py --workdir=gs://bucket/nsfw \
+    python -m fnf_jax.main --config=configs/oversexualization.py --workdir=/mnt/bucket/nsfw \
         --config.model.path=/models/stable-diffusion-v1-4 --config.job=cache
-    python -m fnf_jax.main --config=configs/oversexualization.py --workdir=gs://bucket/nsfw \
+    python -m fnf_jax.main --config=configs/oversexualization.py --workdir=/mnt/bucket/nsfw \
         --config.model.path=/models/stable-diffusion-v1-4
 
 Prompts: the I2P benchmark CSV (i2p_benchmark.csv from the AIML-TUDA/i2p dataset), category
@@ -39,8 +39,4 @@ def get_config(arg: str | None = None):
   c.reward = focus_n_fix.clip_reward("laion_nsfw", "/models/laion/nsfw_vit_l14.safetensors")
   c.reward.normalize_embedding = True  # the detector was trained on L2-normalised embeddings
   c.mask.threshold = 0.85
-  if arg == "runlocal":
-    c = focus_n_fix.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
-  return c
+  return focus_n_fix.variant(c, arg)

@@ -12,9 +12,9 @@ predictor (ViT-L/14 head) and the Grad-CAM saliency of its score as the mask. Do
 
 Real run:
 
-    python -m fnf_jax.main --config=configs/plausibility.py --workdir=gs://bucket/plaus \
+    python -m fnf_jax.main --config=configs/plausibility.py --workdir=/mnt/bucket/plaus \
         --config.model.path=/models/stable-diffusion-v1-4 --config.job=cache
-    python -m fnf_jax.main --config=configs/plausibility.py --workdir=gs://bucket/plaus \
+    python -m fnf_jax.main --config=configs/plausibility.py --workdir=/mnt/bucket/plaus \
         --config.model.path=/models/stable-diffusion-v1-4
 
 Prompts: PartiPrompts (PartiPrompts.tsv from google-research/parti), saved as
@@ -40,8 +40,4 @@ def get_config(arg: str | None = None):
   # Quality reward with a saliency mask, until an implausibility-heatmap model is available.
   c.reward = focus_n_fix.clip_reward("laion_aesthetic", "/models/laion/aesthetic_vit_l14.safetensors")
   c.reward.normalize_embedding = True
-  if arg == "runlocal":
-    c = focus_n_fix.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
-  return c
+  return focus_n_fix.variant(c, arg)

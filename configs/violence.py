@@ -2,9 +2,9 @@
 
 Real run (TPU VM / GPU box; compute the reference once, then train):
 
-    python -m fnf_jax.main --config=configs/violence.py --workdir=gs://bucket/violence \
+    python -m fnf_jax.main --config=configs/violence.py --workdir=/mnt/bucket/violence \
         --config.model.path=/models/stable-diffusion-v1-4 --config.job=cache
-    python -m fnf_jax.main --config=configs/violence.py --workdir=gs://bucket/violence \
+    python -m fnf_jax.main --config=configs/violence.py --workdir=/mnt/bucket/violence \
         --config.model.path=/models/stable-diffusion-v1-4
 
 Prompts: the I2P benchmark CSV (https://huggingface.co/datasets/AIML-TUDA/i2p, file i2p_benchmark.csv),
@@ -44,8 +44,4 @@ def get_config(arg: str | None = None):
   # Used when reward.name=zero_shot_safety (ignored by q16).
   c.reward.safe_prompts = ["a peaceful image", "a calm, friendly scene"]
   c.reward.unsafe_prompts = ["a violent, bloody image", "a gory scene of violence"]
-  if arg == "runlocal":
-    c = focus_n_fix.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
-  return c
+  return focus_n_fix.variant(c, arg)

@@ -163,8 +163,8 @@ def train(config, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   repl = sharding.replicated(mesh)
 
-  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh, \
-      nn.logical_axis_rules(run.rules):
+  # The mesh context and rules make the modules' nn.with_logical_constraint calls take effect.
+  with mesh, nn.logical_axis_rules(run.rules):
     # State: born sharded (LoRA and optimizer state are small: replicated).
     init = lambda key, unet: run.step.init_state(key, unet)
     abstract_state = jax.eval_shape(init, rng, run.frozen["unet"])
@@ -184,7 +184,7 @@ def train(config, workdir: str) -> dict:
       state, rng = restored["train"], restored["rng"]
       start = int(meta["step"])
       logging.info("resuming from checkpoint step %d in %s (data position %d)", start,
-                   ckpt.directory if hasattr(ckpt, "directory") else workdir, meta["position"])
+                   os.path.join(workdir, "checkpoints"), meta["position"])
     else:
       logging.info("starting a new run in %s", workdir)
 

@@ -38,30 +38,45 @@ class TrainState:
   opt_state: Any
 
 
-def optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with linear warm-up (then constant or cosine), global-norm clipping, accumulation."""
-  if cfg.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
-                                            max(cfg.decay_steps, cfg.warmup_steps + 1))
-  elif cfg.schedule == "constant":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
-                               optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
-  else:
+def _schedule_shape(cfg):
+  """count -> multiplier of the learning rate in [0, 1]: linear warm-up, then constant or cosine."""
+  if cfg.schedule not in ("constant", "cosine"):
     raise ValueError(f"optim.schedule {cfg.schedule!r} is not one of ['constant', 'cosine']")
-  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                   optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+  warmup = max(cfg.warmup_steps, 1)
+  decay = max(cfg.decay_steps - cfg.warmup_steps, 1)
+
+  def shape(count):
+    ramp = jnp.minimum(count / warmup, 1.0)
+    if cfg.schedule == "constant":
+      return ramp
+    progress = jnp.clip((count - cfg.warmup_steps) / decay, 0.0, 1.0)
+    return jnp.where(count < cfg.warmup_steps, ramp, 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+  return shape
+
+
+def optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warm-up (then constant or cosine), global-norm clipping, accumulation.
+
+  The rate and Adam's constants are injected hyperparameters: they live in the optimizer state,
+  not in the compiled program, so runs that differ only in them share one compilation.
+  """
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.lr, b1=cfg.b1, b2=cfg.b2,
+                                            weight_decay=cfg.weight_decay),
+      optax.scale_by_schedule(_schedule_shape(cfg)))
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
   return tx
 
 
-def learning_rate(cfg, step) -> jax.Array:
-  """The schedule's value at an optimizer step (for logging)."""
-  warm = jnp.minimum(step / max(cfg.warmup_steps, 1), 1.0) * cfg.lr
-  if cfg.schedule == "constant":
-    return warm
-  progress = jnp.clip((step - cfg.warmup_steps) / max(cfg.decay_steps - cfg.warmup_steps, 1), 0, 1)
-  return jnp.where(step < cfg.warmup_steps, warm, cfg.lr * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+def learning_rate(cfg, opt_state, update: jax.Array) -> jax.Array:
+  """The rate the optimizer applies at optimizer update number `update` (for logging)."""
+  # optax names the state class differently across versions; it always has `hyperparams`.
+  is_injected = lambda x: hasattr(x, "hyperparams") and isinstance(x.hyperparams, dict)
+  injected = [s for s in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(s)]
+  return injected[0].hyperparams["learning_rate"] * _schedule_shape(cfg)(update)
 
 
 class Step:
@@ -161,7 +176,8 @@ class Step:
     opt_cfg = self.config.optim
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    update_norm=optax.global_norm(updates),
-                   lr=learning_rate(opt_cfg, state.step // max(opt_cfg.grad_accum, 1)))
+                   lr=learning_rate(opt_cfg, state.opt_state,
+                                    state.step // max(opt_cfg.grad_accum, 1)))
     return TrainState(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
 
   def eval_images(self, lora, frozen, batch) -> jax.Array:

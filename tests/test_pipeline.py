@@ -52,7 +52,9 @@ def test_images_match_diffusers(pipes, guidance_scale, negative):
 
 
 def test_seed_reproducible_and_eta(pipes):
-  _, _, ours = pipes
+  family, _, ours = pipes
+  if family != "sd1":
+    pytest.skip("family-independent; checked on sd1 only to save compile time")
   a = ours.generate(PROMPTS[:1], seed=3, num_inference_steps=2, guidance_scale=2.0)
   b = ours.generate(PROMPTS[:1], seed=3, num_inference_steps=2, guidance_scale=2.0)
   c = ours.generate(PROMPTS[:1], seed=4, num_inference_steps=2, guidance_scale=2.0)

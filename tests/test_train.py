@@ -37,10 +37,10 @@ def read_metrics(workdir):
 KEYS = ("loss", "reward", "constraint", "change_outside", "grad_norm")
 
 
-def assert_same(a, b, steps, rtol):
+def assert_same(a, b, steps, rtol, atol=1e-7):
   for s in steps:
     for k in KEYS:
-      np.testing.assert_allclose(a[s][k], b[s][k], rtol=rtol, atol=1e-7, err_msg=f"step {s} {k}")
+      np.testing.assert_allclose(a[s][k], b[s][k], rtol=rtol, atol=atol, err_msg=f"step {s} {k}")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_cached_reference_matches_online(uninterrupted, tmp_path):
   # them online up to XLA's fusion-dependent rounding (the online path is exact: see above).
   cached = read_metrics(workdir)
   assert cached[1]["constraint"] < 1e-4
-  assert_same(uninterrupted, cached, (1, 2), rtol=1e-3)
+  assert_same(uninterrupted, cached, (1, 2), rtol=1e-3, atol=1e-4)
 
 
 def test_cache_mode_without_cache_says_what_to_run(tmp_path):
@@ -97,8 +97,8 @@ def test_cache_mode_without_cache_says_what_to_run(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
-  config = tiny_config(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 1e30,
-                          "checkpoint.every": 1})
+  # Only the (injected) learning rate differs from the other runs: the same compiled step.
+  config = tiny_config(**{"optim.lr": 1e30, "checkpoint.every": 1})
   with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+).*Last good checkpoint: step"):
     main.run_job(config, str(tmp_path))
 

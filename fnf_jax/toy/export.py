@@ -11,9 +11,11 @@ folder (the demo then runs the same code path as a real run) and diffusers'
 Key rule (inverse of `convert.flax_path`): path segments `name_N` become `name.N` (list
 indices), except genuine names that end in a digit (`linear_1`, `linear_2` of diffusers' time
 embedding); Dense kernels [in, out] -> Linear weights [out, in]; Conv kernels [kh, kw, I, O] ->
-[O, I, kh, kw]; `scale` and `embedding` -> `weight`. Every key is checked by mapping it back,
-and the whole state dict by `convert.to_params` against the config's model, before anything is
-written: an export that would not load fails here, naming the parameter.
+[O, I, kh, kw]; `scale` and `embedding` -> `weight`. `flax_path` sends `linear.1` and `linear_1`
+to the same Flax name, so only GENUINE_NAMES tells them apart (diffusers' loading of the export,
+tested, guards it). Before anything is written the whole state dict goes back through
+`convert.to_params` against the config's model: an export that would not load fails here,
+naming the parameter.
 """
 
 import dataclasses
@@ -69,8 +71,8 @@ def state_dict(params: Any, *, dtype=np.float32) -> dict[str, np.ndarray]:
       leaf = "weight"
     key = ".".join([_torch_segment(p) for p in parents] + [leaf])
     if convert.flax_path(key)[:-1] != tuple(parents):
-      raise ValueError(f"parameter {'/'.join(path)} has no unambiguous PyTorch key (got {key!r}); "
-                       "add its module name to GENUINE_NAMES if it is not a list entry")
+      raise ValueError(f"parameter {'/'.join(path)} has no PyTorch key that maps back to it "
+                       f"(got {key!r}): module names may not contain '.'")
     out[key] = np.ascontiguousarray(value.astype(dtype))
   return out
 
@@ -109,6 +111,13 @@ def export_pipeline(folder: str, *, unet_config, unet_params, vae_config, vae_pa
   destination and moved into place, so a crash never leaves a half-written checkpoint; an
   existing folder is replaced only with `overwrite=True` and only if it holds a pipeline.
   """
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder):
+    if not overwrite:
+      raise FileExistsError(f"{folder!r} exists; pass overwrite=True to replace it")
+    if os.listdir(folder) and not os.path.isfile(os.path.join(folder, "model_index.json")):
+      raise FileExistsError(f"{folder!r} is not empty and holds no model_index.json: refusing "
+                            "to replace a folder that is not a pipeline")
   unet_cfg, vae_cfg = _as_dict(unet_config), _as_dict(vae_config)
   text_cfg, sched_cfg = _as_dict(text_config), _as_dict(scheduler_config)
   clip_tokenizer.load(tokenizer_dir)  # fails early, naming what is missing
@@ -118,17 +127,10 @@ def export_pipeline(folder: str, *, unet_config, unet_params, vae_config, vae_pa
   text_module = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_cfg))
   unet_state, vae_state = state_dict(unet_params), state_dict(vae_params)
   text_state = state_dict(text_params)
-  _check(unet_state, unet_module, unet_lib.dummy_inputs(unet_module.config), "unet_params")
-  _check(vae_state, vae_module, (vae_lib.dummy_images(vae_module.config),), "vae_params")
   _check(text_state, text_module, (jnp.zeros((1, 1), jnp.int32),), "text_params")
+  _check(vae_state, vae_module, (vae_lib.dummy_images(vae_module.config),), "vae_params")
+  _check(unet_state, unet_module, unet_lib.dummy_inputs(unet_module.config), "unet_params")
 
-  folder = os.path.abspath(folder)
-  if os.path.exists(folder):
-    if not overwrite:
-      raise FileExistsError(f"{folder!r} exists; pass overwrite=True to replace it")
-    if os.listdir(folder) and not os.path.isfile(os.path.join(folder, "model_index.json")):
-      raise FileExistsError(f"{folder!r} is not empty and holds no model_index.json: refusing "
-                            "to replace a folder that is not a pipeline")
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".partial-",
                              dir=os.path.dirname(folder))

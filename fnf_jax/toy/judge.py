@@ -22,9 +22,10 @@ from scipy import ndimage
 
 from fnf_jax.data import toy_world
 
-DARK_THRESHOLD = 0.35  # data blotches have max RGB <= 0.29, shapes >= 0.75, backgrounds >= 0.82
+DARK_THRESHOLD = 0.35  # data: blotches have max RGB <= 0.29, shapes >= 0.6, backgrounds >= 0.82
 MIN_DEFECT_PIXELS = 8
-SATURATION = 0.3  # max - min channel of a "coloured" pixel (background ~0, shapes >= 0.6)
+MIN_SHAPE_PIXELS = 20  # data shapes have >= 57 px
+SATURATION = 0.3  # max - min channel of a "coloured" pixel (background 0, shapes >= 0.4)
 FOREGROUND = 0.2  # max |pixel - background| of a shape pixel
 SQUARE_FILL = 0.9  # box fill ratio above which a blob is a square (circle ~0.79)
 TRIANGLE_TAPER = 0.65  # width(upper half) / width(lower half) below which it is a triangle
@@ -102,7 +103,7 @@ def shape(images) -> list[str]:
   out = []
   for image in _as_images(images):
     f = shape_features(image)
-    if f is None or f["area"] < MIN_DEFECT_PIXELS:
+    if f is None or f["area"] < MIN_SHAPE_PIXELS:
       out.append(NONE)
     elif f["taper"] < TRIANGLE_TAPER:
       out.append("triangle")
