@@ -18,6 +18,7 @@ setup(
         "ml-collections>=1.0,<1.2",
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
+        "scipy>=1.11,<2",  # the toy world's judge (connected components); jax needs it too
         "safetensors>=0.4.3,<0.9",
         "tokenizers>=0.20,<0.24",
         "pillow>=10,<14",

@@ -380,3 +380,24 @@ def test_text_encoder_transformers4_layout(text_encoders, tmp_path):
   module_old, params_old = clip.load_text_encoder(old, remat=True)
   assert module_old.clone(remat=False) == module
   jax.tree.map(np.testing.assert_array_equal, params_old, params)
+
+
+def test_image_features_parity_at_224_and_from_sd_sized_images(tmp_path):
+  """The real CLIPs' input size: 224² passes through untouched; a 512² SD image is resized
+  (jax bicubic, antialiased) inside encode_image, and matches transformers fed those pixels."""
+  torch.manual_seed(2)
+  config = transformers.CLIPConfig(
+      text_config=dict(TINY_TEXT, num_hidden_layers=1, eos_token_id=618),
+      vision_config=dict(TINY_VISION, image_size=224, patch_size=32, num_hidden_layers=1),
+      projection_dim=24)
+  model = transformers.CLIPModel(config).eval()
+  model.save_pretrained(str(tmp_path / "model"))
+  write_tiny_clip_tokenizer(str(tmp_path / "model" / "tokenizer"))
+  ours = clip.load(str(tmp_path / "model"))
+  native, sd = _images(2, 224, seed=5), _images(1, 512, seed=6)
+  resized = np.asarray(jax.image.resize(sd, (1, 224, 224, 3), method="bicubic"))
+  with torch.no_grad():
+    ref_native = _features(model.get_image_features(pixel_values=_nchw(_normalise(native))))
+    ref_sd = _features(model.get_image_features(pixel_values=_nchw(_normalise(resized))))
+  assert rel_err(ours.encode_image(native), ref_native) <= TOL
+  assert rel_err(ours.encode_image(sd), ref_sd) <= TOL

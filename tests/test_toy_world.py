@@ -229,7 +229,9 @@ def test_export_refuses_to_clobber_and_checks_shapes(exported, tmp_path, tokeniz
   assert not (tmp_path / "new").exists()
 
 
-def test_export_is_a_diffusers_checkpoint(exported, latents, generated):
+def test_export_is_a_diffusers_checkpoint(exported, latents):
+  """diffusers loads the folder and computes what we compute (whole-image parity of the loaded
+  pipeline is test_pipeline's job; this checks the weights landed where diffusers expects)."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   _, folder, loaded = exported
@@ -243,16 +245,17 @@ def test_export_is_a_diffusers_checkpoint(exported, latents, generated):
   x, t = latents, np.array([10.0, 700.0], np.float32)
   context = rng.standard_normal((2, 77, 64)).astype(np.float32)
   nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2))
+  nhwc = lambda a: a.numpy().transpose(0, 2, 3, 1)
   with torch.no_grad():
-    unet_ref = ref.unet(nchw(x), torch.from_numpy(t), torch.from_numpy(context)).sample
-    text_ref = ref.text_encoder(torch.from_numpy(ids.astype(np.int64))).last_hidden_state
-    images_ref = ref(PROMPTS, latents=nchw(latents), num_inference_steps=2, guidance_scale=2.0,
-                     output_type="np").images
+    unet_ref = nhwc(ref.unet(nchw(x), torch.from_numpy(t), torch.from_numpy(context)).sample)
+    text_ref = ref.text_encoder(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    vae_ref = nhwc(ref.vae.decode(nchw(x)).sample)
   p = loaded.params
   unet_ours = jax.jit(loaded.unet.apply)({"params": p["unet"]}, x, t, context)
   text_ours = jax.jit(loaded.text_encoders[0].apply)({"params": p["text_encoder"]}, ids)
-  for name, ours_out, theirs in (("unet", unet_ours, unet_ref.numpy().transpose(0, 2, 3, 1)),
-                                 ("text", text_ours.last_hidden_state, text_ref.numpy())):
+  vae_ours = jax.jit(lambda v, z: loaded.vae.apply(v, z, method=loaded.vae.decode))(
+      {"params": p["vae"]}, x)
+  for name, ours_out, theirs in (("unet", unet_ours, unet_ref), ("vae", vae_ours, vae_ref),
+                                 ("text", text_ours.last_hidden_state, text_ref)):
     rel = np.abs(np.asarray(ours_out) - theirs).max() / np.abs(theirs).max()
     assert rel <= 1e-4, f"{name}: relative difference {rel}"
-  assert np.abs(generated - images_ref).max() <= 2e-3

@@ -14,7 +14,7 @@ from fnf_jax import train
 def tiny_config(**overrides):
   c = violence.get_config("runlocal")
   c.data.batch_size = 8  # divisible by the 2 x 4 mesh
-  c.sampling.num_steps = 3
+  c.sampling.num_steps = 2
   c.train.num_steps = 4
   c.checkpoint.every = 2
   c.log.image_every = 0
