@@ -2,10 +2,9 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WORKDIR ?= ./demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

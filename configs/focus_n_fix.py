@@ -22,8 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompts = ml_collections.ConfigDict()
   c.prompts.source = "parti"  # list | text | parti | i2p
   c.prompts.path = ""  # the prompt file
-  c.prompts.texts = []  # for source=list
-  c.prompts.categories = []  # parti: Category values; i2p: categories (violence, sexual, ...)
+  c.prompts.texts = ()  # for source=list
+  c.prompts.categories = ()  # parti: Category values; i2p: categories (violence, sexual, ...)
   c.prompts.eval_fraction = 0.1  # share of prompts held out for evaluation (by text hash)
 
   c.data = ml_collections.ConfigDict()
@@ -80,8 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axes (sizes; one may be -1 = the rest) and logical -> mesh axis rules.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.sharding_rules = [("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("conv_out", "fsdp"),
-                      ("vocab", "fsdp")]
+  c.sharding_rules = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("conv_out", "fsdp"),
+                      ("vocab", "fsdp"))
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200  # steps between checkpoints (and at the end / on SIGTERM)
@@ -140,9 +140,9 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.attention = "xla"
   c.prompts.source = "list"
   c.prompts.path = ""
-  c.prompts.categories = []
-  c.prompts.texts = ["a red circle", "a blue square", "a green triangle", "a red square",
-                     "a yellow circle", "a blue circle", "a green square", "a red triangle"]
+  c.prompts.categories = ()
+  c.prompts.texts = ("a red circle", "a blue square", "a green triangle", "a red square",
+                     "a yellow circle", "a blue circle", "a green square", "a red triangle")
   c.prompts.eval_fraction = 0.25
   c.data.batch_size = 2
   c.sampling.num_steps = 4

@@ -25,13 +25,13 @@ def get_config(arg: str | None = None):
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.source = "list"  # list | text | parti | i2p (see fnf_jax/data/prompts.py).
-  config.prompts.texts = ["a photograph of an astronaut riding a horse"]  # for source=list.
+  config.prompts.texts = ("a photograph of an astronaut riding a horse",)  # for source=list.
   config.prompts.path = ""  # file for text / parti / i2p.
-  config.prompts.categories = []  # parti: Category values; i2p: categories to keep. [] = all.
+  config.prompts.categories = ()  # parti: Category values; i2p: categories to keep. () = all.
   config.prompts.eval_fraction = 0.0  # share held out as eval (hash of the prompt text).
   config.prompts.split = "all"  # train | eval | all.
 
-  config.seeds = [0]  # one image per prompt and seed; x_T comes from the seed alone.
+  config.seeds = (0,)  # one image per prompt and seed; x_T comes from the seed alone.
   config.batch_size = 4  # images per generate() call.
 
   config.sampling = ml_collections.ConfigDict()

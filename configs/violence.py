@@ -39,9 +39,9 @@ def get_config(arg: str | None = None):
   c = focus_n_fix.base_config()
   c.prompts.source = "i2p"
   c.prompts.path = "data/i2p_benchmark.csv"
-  c.prompts.categories = ["violence"]
+  c.prompts.categories = ("violence",)
   c.reward = focus_n_fix.clip_reward("q16", "/models/q16/prompts_vit_l14.safetensors")
   # Used when reward.name=zero_shot_safety (ignored by q16).
-  c.reward.safe_prompts = ["a peaceful image", "a calm, friendly scene"]
-  c.reward.unsafe_prompts = ["a violent, bloody image", "a gory scene of violence"]
+  c.reward.safe_prompts = ("a peaceful image", "a calm, friendly scene")
+  c.reward.unsafe_prompts = ("a violent, bloody image", "a gory scene of violence")
   return focus_n_fix.variant(c, arg)

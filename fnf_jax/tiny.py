@@ -41,17 +41,10 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12)
 
 
-def _byte_alphabet() -> list[str]:
-  """GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest above 255."""
-  printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-  extra = iter(range(256, 512))
-  return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
 def write_byte_tokenizer(folder: str) -> str:
   """A merge-free CLIP tokenizer (one token per character) in vocab.json + merges.txt layout."""
   os.makedirs(folder, exist_ok=True)
-  alphabet = _byte_alphabet()
+  alphabet = clip_tokenizer.byte_alphabet()
   tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
   with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
     json.dump({t: i for i, t in enumerate(tokens)}, f)

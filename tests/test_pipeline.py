@@ -88,8 +88,8 @@ def test_sample_job_writes_pngs_and_index(tmp_path):
   tiny_pipelines.build("sd1", folder)
   config = sample_config.get_config()
   config.model.path = folder
-  config.prompts.texts = PROMPTS
-  config.seeds = [0, 1]
+  config.prompts.texts = tuple(PROMPTS)
+  config.seeds = (0, 1)
   config.batch_size = 3
   config.sampling.num_steps = 2
   records = main.run_job(config, str(tmp_path / "work"))

@@ -42,6 +42,14 @@ SPLIT_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[
                  r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 
+def byte_alphabet() -> list[str]:
+  """GPT-2 / CLIP byte-level alphabet in byte order: printable bytes stand for themselves, the
+  others are mapped above U+0100 (the symbols a byte-level BPE vocabulary starts from)."""
+  printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+  extra = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
 class TokenizerFilesError(FileNotFoundError):
   """The tokenizer folder or the files it needs are missing or unreadable."""
 

@@ -49,14 +49,6 @@ LATENT_CHANNELS = 4
 LATENT_SIZE = 16
 
 
-def _byte_alphabet() -> list[str]:
-  """GPT-2 / CLIP byte-level alphabet, in byte order: printable bytes as themselves, the rest
-  mapped above U+0100 (the convention of fnf_jax.models.clip_tokenizer)."""
-  printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
-  extra = iter(range(256, 512))
-  return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
   """Plain BPE: merge the best-ranked adjacent pair until no known pair is left."""
   while len(symbols) > 1:
@@ -74,7 +66,7 @@ def vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
   Each word gets merges joining, left to right, the pieces that earlier merges leave of it; its
   merges rank after the earlier words', so they never split those.
   """
-  alphabet = _byte_alphabet()
+  alphabet = clip_tokenizer.byte_alphabet()
   tokens = alphabet + [c + "</w>" for c in alphabet]
   merges: list[tuple[str, str]] = []
   for word in WORDS:
