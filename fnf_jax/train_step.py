@@ -108,10 +108,14 @@ class Step:
 
   def reference(self, frozen, batch) -> tuple[jax.Array, jax.Array]:
     """(Î0 [B, H, W, 3], M [B, H, W]) from the frozen model, without gradient."""
-    s = self.config.sampling
+    s, t = self.config.sampling, self.config.train
     denoise = self._denoiser(frozen["unet"], frozen, batch)
+    # The same scan structure as the fine-tuned sample (prefix + K rematerialised steps), so that
+    # with a zero LoRA the two are the same computation and Î == Î0 holds bit for bit.
+    k = {"truncated": t.grad_steps, "full": s.num_steps}.get(t.gradient, 0)
     x0, _ = sampling.sample(denoise, batch["x_T"], self.pipe.scheduler, num_steps=s.num_steps,
-                            eta=s.eta, noise=batch.get("noise"))
+                            eta=s.eta, noise=batch.get("noise"), grad_steps=k,
+                            remat_policy=t.remat_policy)
     images = self.pipe.decode(frozen["vae"], x0)
     if self.config.objective.mask == "ones":
       mask = jnp.ones(images.shape[:3], jnp.float32)

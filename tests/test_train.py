@@ -73,10 +73,10 @@ def test_eight_devices_match_one_and_restore_on_one(uninterrupted, tmp_path):
   # Two steps on a 2 x 4 mesh of fake CPU devices (batch and large params sharded) ...
   main.run_job(tiny_config(**{"train.num_steps": 2, "mesh": {"data": 2, "fsdp": 4}}), workdir)
   sharded = read_metrics(workdir)
-  assert_same(uninterrupted, sharded, (1, 2), rtol=2e-4)
+  assert_same(uninterrupted, sharded, (1, 2), rtol=2e-4, atol=1e-5)
   # ... and the 8-device checkpoint resumes on a 1-device mesh.
   main.run_job(tiny_config(), workdir)
-  assert_same(uninterrupted, read_metrics(workdir), (3, 4), rtol=2e-4)
+  assert_same(uninterrupted, read_metrics(workdir), (3, 4), rtol=2e-4, atol=1e-5)
 
 
 def test_cached_reference_matches_online(uninterrupted, tmp_path):
