@@ -16,10 +16,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from unet import flops_of, matmul_rate, median_time  # noqa: E402  (benchmarks/unet.py)
 
@@ -47,16 +48,12 @@ def parse_args(argv=None):
 
 
 def config_for(args, reference: str):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "configs"))
-  import focus_n_fix  # pylint: disable=g-import-not-at-top
+  import focus_n_fix  # pylint: disable=g-import-not-at-top  (configs/, on sys.path above)
 
   c = focus_n_fix.base_config()
   c.sampling.num_steps, c.sampling.guidance_scale = args.steps, args.guidance
   c.train.grad_steps, c.train.reference = args.grad_steps, reference
   c.lora.rank = c.lora.alpha = args.rank
-  assert isinstance(c, ml_collections.ConfigDict)
   return c
 
 

@@ -18,11 +18,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fnf_jax import tiny  # noqa: E402
 from fnf_jax.models import convert  # noqa: E402
 from fnf_jax.models import unet  # noqa: E402
 
@@ -82,20 +82,6 @@ def matmul_rate(dtype, n: int, iters: int) -> tuple[float, float]:
   return t, 2 * n ** 3 / t
 
 
-def random_params(abstract, seed: int = 0) -> dict:
-  """Fan-in-scaled Gaussian weights, and biases / norm scales off their 0 / 1, from shapes alone
-  (jitting module.init would cost as much compile time as the forward)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    shape, name = leaf.shape, path[-1].key
-    if len(shape) >= 2:
-      return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
-    return ((name == "scale") + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract))
-
-
 def torch_reference(config: dict, seed: int = 0):
   """diffusers' UNet with random, perturbed (nothing zero) weights, and its numpy state dict."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -130,7 +116,7 @@ def main(argv=None):
     torch_model, state = torch_reference(config_dict)
     params = convert.to_params(state, abstract, where="diffusers (random)")
   else:
-    params = random_params(abstract)
+    params = tiny.init_params(abstract, seed=0)
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"params {n_params / 1e6:.2f} M, built in {time.perf_counter() - start:.1f} s")

@@ -4,7 +4,7 @@
     images = pipe.generate(["a photo of a cat"], seed=0)   # [B, H, W, 3] float32 in [0, 1]
 
 `Pipeline` holds the modules (static) and their params (a pytree), and exposes the pure pieces
-(`encode_prompts`, `denoiser`, `decode`) that the training step composes under its own jit; only
+(`conditioning`, `denoiser`, `decode`) that the training step composes under its own jit; only
 `generate` is a convenience that jits them for inference.
 """
 
@@ -95,23 +95,43 @@ class Pipeline:
     context = jnp.concatenate([o.hidden_states[-2] for o in outs], axis=-1)
     return {"context": context, "text_embeds": outs[1].text_embeds}
 
+  def conditioning(self, params: dict, ids: jax.Array, neg_ids: jax.Array, *, guided: bool,
+                   zero_uncond: bool = False) -> tuple[dict, dict | None]:
+    """(cond, uncond) for `denoiser`; uncond is None without guidance (it would not be used).
+
+    `zero_uncond` replaces the negative embeddings by zeros (SDXL's force_zeros_for_empty_prompt).
+    """
+    cond = self.encode_prompts(params, ids)
+    if not guided:
+      return cond, None
+    uncond = self.encode_prompts(params, neg_ids)
+    if zero_uncond:
+      uncond = jax.tree.map(jnp.zeros_like, uncond)
+    return cond, uncond
+
   def sdxl_time_ids(self, batch: int, height: int, width: int) -> jax.Array:
     # original_size + crop top-left + target_size, as diffusers' _get_add_time_ids.
     ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
     return jnp.broadcast_to(ids, (batch, 6))
 
-  def unet_model(self, unet_params: dict, height: int, width: int):
+  def unet_model(self, unet_params: dict):
     """model(x, t, cond) for `sampling.guided`: cond is the dict from `encode_prompts`."""
 
     def model(x, t, cond):
       added = None
-      if self.is_sdxl:
+      if self.is_sdxl:  # SDXL conditions on the image size, which the latents' size gives
+        height, width = (x.shape[1] * self.vae_scale_factor, x.shape[2] * self.vae_scale_factor)
         added = {"text_embeds": cond["text_embeds"],
                  "time_ids": self.sdxl_time_ids(x.shape[0], height, width)}
       t = jnp.broadcast_to(t, (x.shape[0],))
       return self.unet.apply({"params": unet_params}, x, t, cond["context"], added_cond=added)
 
     return model
+
+  def denoiser(self, unet_params: dict, cond: dict, uncond: dict | None,
+               guidance_scale) -> sampling.Denoiser:
+    """The guided UNet output for (x, t), as `sampling.sample` takes it."""
+    return sampling.guided(self.unet_model(unet_params), cond, uncond, guidance_scale)
 
   def decode(self, vae_params: dict, latents: jax.Array) -> jax.Array:
     """Latents [B, h, w, C] -> images [B, H, W, 3] in [0, 1] (float32)."""
@@ -167,15 +187,8 @@ class Pipeline:
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
 def _generate_jit(pipe: Pipeline, params, ids, neg_ids, latents, noise, guidance_scale,
                   num_steps: int, do_cfg: bool, zero_uncond: bool, eta: float):
-  cond = pipe.encode_prompts(params, ids)
-  uncond = None
-  if do_cfg:
-    uncond = pipe.encode_prompts(params, neg_ids)
-    if zero_uncond:
-      uncond = jax.tree.map(jnp.zeros_like, uncond)
-  height, width = (latents.shape[1] * pipe.vae_scale_factor, latents.shape[2] * pipe.vae_scale_factor)
-  model = pipe.unet_model(params["unet"], height, width)
-  denoise = sampling.guided(model, cond, uncond, guidance_scale)
+  cond, uncond = pipe.conditioning(params, ids, neg_ids, guided=do_cfg, zero_uncond=zero_uncond)
+  denoise = pipe.denoiser(params["unet"], cond, uncond, guidance_scale)
   x0, _ = sampling.sample(denoise, latents, pipe.scheduler, num_steps=num_steps, eta=eta, noise=noise)
   return pipe.decode(params["vae"], x0)
 

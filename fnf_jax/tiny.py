@@ -5,13 +5,16 @@ CPU as a wiring check: same modules, same code paths, minutes instead of hours. 
 random, so the images mean nothing.
 """
 
+import dataclasses
 import json
 import os
 import tempfile
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import schedulers
@@ -55,31 +58,62 @@ def write_byte_tokenizer(folder: str) -> str:
   return folder
 
 
+def init_params(abstract: Any, seed) -> dict:
+  """Fresh numpy params for an abstract (eval_shape) params tree: kernels N(0, 1/fan_in) (flax's
+  lecun_normal, PyTorch's scale), norm scales 1, biases 0, embeddings N(0, 0.02) (CLIP's).
+
+  Only the shapes come from flax: compiling flax's own init costs as much as compiling a forward
+  pass (about a minute for the toy UNet on two CPU cores); this takes milliseconds.
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract)).items():
+    shape, name = tuple(leaf.shape), path[-1]
+    if name == "kernel":
+      value = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[:-1])))
+    elif name == "embedding":
+      value = 0.02 * rng.standard_normal(shape)
+    elif name == "scale":
+      value = np.ones(shape)
+    elif name == "bias":
+      value = np.zeros(shape)
+    else:
+      raise ValueError(f"no initializer for parameter {'/'.join(path)}")
+    out[path] = value.astype(np.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+def build_pipeline(*, unet: dict, vae: dict, text: dict, tokenizer, scheduler: schedulers.DDIMConfig,
+                   params: dict | None = None, seed: int = 0, dtype: str = "float32",
+                   attention_impl: str = "xla", path: str = "<in memory>") -> pipeline_lib.Pipeline:
+  """A Pipeline from diffusers-style config dicts: `params` ({"unet", "vae", "text_encoder"}), or
+  a random init from `seed` (one numpy stream per component, in that order)."""
+  dt = jnp.dtype(dtype)
+  pipe = pipeline_lib.Pipeline(
+      unet=unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(unet), dtype=dt,
+                                         attention_impl=attention_impl),
+      vae=vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(vae), dtype=dt,
+                                attention_impl=attention_impl),
+      text_encoders=(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text), dtype=dt,
+                                        attention_impl=attention_impl),),
+      tokenizers=(tokenizer,), scheduler=scheduler, params={}, path=path)
+  if params is None:
+    abstract = pipe.abstract_params()
+    seeds = np.random.SeedSequence(seed).spawn(len(abstract))
+    params = {name: init_params(abstract[name], s) for name, s in zip(abstract, seeds)}
+  return dataclasses.replace(pipe, params=params)
+
+
 def random_pipeline(seed: int = 0, *, attention_impl: str = "xla", dtype: str = "float32",
                     unet: dict = UNET, vae: dict = VAE, text: dict = TEXT,
                     tokenizer_dir: str | None = None) -> pipeline_lib.Pipeline:
   """A Pipeline with randomly initialised modules of the given diffusers-style configs."""
   tokenizer = clip_tokenizer.load(write_byte_tokenizer(
       tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")))
-  text_cfg = clip.CLIPTextConfig(vocab_size=tokenizer.vocab_size,
-                                 bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **text)
-  unet_cfg = unet_lib.UNetConfig.from_dict(unet)
-  vae_cfg = vae_lib.VAEConfig.from_dict(vae)
-  dt = jnp.dtype(dtype)
-  unet = unet_lib.UNet2DConditionModel(unet_cfg, dtype=dt, attention_impl=attention_impl)
-  vae = vae_lib.AutoencoderKL(vae_cfg, dtype=dt, attention_impl=attention_impl)
-  text = clip.CLIPTextModel(text_cfg, dtype=dt, attention_impl=attention_impl)
-  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  init = lambda module, key, *args: nn.meta.unbox(jax.jit(module.init)(key, *args)["params"])
-  params = {
-      "unet": init(unet, k1, *unet_lib.dummy_inputs(unet_cfg)),
-      "vae": init(vae, k2, vae_lib.dummy_images(vae_cfg)),
-      "text_encoder": init(text, k3, jnp.zeros((1, 77), jnp.int32)),
-  }
-  return pipeline_lib.Pipeline(unet=unet, vae=vae, text_encoders=(text,), tokenizers=(tokenizer,),
-                               scheduler=schedulers.DDIMConfig(beta_schedule="scaled_linear",
-                                                               beta_start=0.00085, beta_end=0.012,
-                                                               steps_offset=1,
-                                                               set_alpha_to_one=False),
-                               params=params, path="<tiny random>")
+  text = dict(text, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id)
+  scheduler = schedulers.DDIMConfig(beta_schedule="scaled_linear", beta_start=0.00085,
+                                    beta_end=0.012, steps_offset=1, set_alpha_to_one=False)
+  return build_pipeline(unet=unet, vae=vae, text=text, tokenizer=tokenizer, scheduler=scheduler,
+                        seed=seed, dtype=dtype, attention_impl=attention_impl,
+                        path="<tiny random>")

@@ -10,7 +10,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -203,7 +202,9 @@ def train(config, workdir: str) -> dict:
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
     stop = checkpoint.install_preemption_handler()
-    panel_fn = jax.jit(run.step.eval_images) if config.log.image_every else None
+    # Jitted once here: a jax.jit inside the loop would compile again at every panel.
+    panel_fns = ((jax.jit(run.step.reference), jax.jit(run.step.eval_images))
+                 if config.log.image_every else None)
     last, tic, done = {}, time.perf_counter(), 0
     try:
       for step in range(start, t.num_steps):
@@ -225,8 +226,8 @@ def train(config, workdir: str) -> dict:
         if (step + 1) % config.log.every == 0 or step + 1 == t.num_steps:
           writer.scalars(step + 1, {**last, "images_per_second": ips})
           logging.info(metrics_lib.console_line(step + 1, t.num_steps, last, ips, eta))
-        if panel_fn is not None and (step + 1) % config.log.image_every == 0:
-          _panels(run, writer, panel_fn, state, host, cached, step + 1)
+        if panel_fns is not None and (step + 1) % config.log.image_every == 0:
+          _panels(writer, panel_fns, run.frozen, state, host, step + 1)
         preempted = stop(step + 1)
         meta = {"step": step + 1, "position": position + config.data.batch_size,
                 "epoch": (position + config.data.batch_size) // len(run.examples)}
@@ -246,13 +247,15 @@ def train(config, workdir: str) -> dict:
   return last
 
 
-def _panels(run, writer, panel_fn, state, host, cached, step):
+def _panels(writer, panel_fns, frozen, state, host, step):
+  """TensorBoard panels Î0 | mask overlay | Î for the current host batch."""
+  reference_fn, images_fn = panel_fns
   batch = {k: v for k, v in host.items() if k not in ("reference", "mask", "index")}
-  if cached is not None:
+  if "reference" in host:  # cached
     reference, mask = host["reference"], host["mask"]
   else:
-    reference, mask = jax.jit(run.step.reference)(run.frozen, batch)
-  images = panel_fn(state.lora, run.frozen, batch)
+    reference, mask = reference_fn(frozen, batch)
+  images = images_fn(state.lora, frozen, batch)
   writer.images(step, "reference|mask|finetuned", metrics_lib.panel(
       np.asarray(reference), np.asarray(mask), np.asarray(images)))
 

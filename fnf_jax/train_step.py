@@ -13,7 +13,7 @@ computed here without gradient); Î is sampled with the LoRA model, gradient thr
 steps (or DRaFT-LV copies) and the VAE decoder; the objective is in `fnf_jax.objective`.
 """
 
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -94,28 +94,36 @@ class Step:
     self.lora_scale = lora_lib.scale(config.lora.rank, config.lora.alpha)
 
   # --- sampling -----------------------------------------------------------------------------
-  def _denoiser(self, unet_params, frozen, batch, copies: int = 1):
-    pipe, s = self.pipe, self.config.sampling
-    cond = pipe.encode_prompts(frozen, batch["ids"])
-    uncond = pipe.encode_prompts(frozen, batch["neg_ids"])
-    if copies > 1:
-      cond, uncond = (jax.tree.map(lambda x: jnp.concatenate([x] * copies, axis=0), c)
-                      for c in (cond, uncond))
-    size = pipe.image_size
-    model = pipe.unet_model(unet_params, size, size)
-    guidance = s.guidance_scale if s.guidance_scale > 1 else None
-    return sampling.guided(model, cond, uncond if guidance else None, s.guidance_scale)
+  @property
+  def grad_steps(self) -> int:
+    """K: the final sampling steps that carry gradient (DRaFT-LV re-noises instead: 0 here)."""
+    t, s = self.config.train, self.config.sampling
+    return {"truncated": t.grad_steps, "full": s.num_steps}.get(t.gradient, 0)
+
+  def _conditioning(self, frozen, batch):
+    return self.pipe.conditioning(frozen, batch["ids"], batch["neg_ids"],
+                                  guided=self.config.sampling.guidance_scale > 1)
+
+  def _denoiser(self, unet_params, conditioning, copies: int = 1):
+    cond, uncond = conditioning
+    if copies > 1:  # the same prompts for each re-noised copy (copy-major batch)
+      tile = lambda c: jax.tree.map(lambda x: jnp.concatenate([x] * copies, axis=0), c)
+      cond, uncond = tile(cond), tile(uncond)
+    return self.pipe.denoiser(unet_params, cond, uncond, self.config.sampling.guidance_scale)
+
+  def _sample(self, denoise, batch, *, grad_steps: int, aux_fn=None):
+    """(x_0 latents, aux mean) of DDIM from the batch's x_T and sampler noise."""
+    s = self.config.sampling
+    return sampling.sample(denoise, batch["x_T"], self.pipe.scheduler, num_steps=s.num_steps,
+                           eta=s.eta, noise=batch.get("noise"), grad_steps=grad_steps,
+                           remat_policy=self.config.train.remat_policy, aux_fn=aux_fn)
 
   def reference(self, frozen, batch) -> tuple[jax.Array, jax.Array]:
     """(Î0 [B, H, W, 3], M [B, H, W]) from the frozen model, without gradient."""
-    s, t = self.config.sampling, self.config.train
-    denoise = self._denoiser(frozen["unet"], frozen, batch)
+    denoise = self._denoiser(frozen["unet"], self._conditioning(frozen, batch))
     # The same scan structure as the fine-tuned sample (prefix + K rematerialised steps), so that
     # with a zero LoRA the two are the same computation and Î == Î0 holds bit for bit.
-    k = {"truncated": t.grad_steps, "full": s.num_steps}.get(t.gradient, 0)
-    x0, _ = sampling.sample(denoise, batch["x_T"], self.pipe.scheduler, num_steps=s.num_steps,
-                            eta=s.eta, noise=batch.get("noise"), grad_steps=k,
-                            remat_policy=t.remat_policy)
+    x0, _ = self._sample(denoise, batch, grad_steps=self.grad_steps)
     images = self.pipe.decode(frozen["vae"], x0)
     if self.config.objective.mask == "ones":
       mask = jnp.ones(images.shape[:3], jnp.float32)
@@ -125,28 +133,26 @@ class Step:
     return jax.lax.stop_gradient(images), jax.lax.stop_gradient(mask)
 
   def _generate(self, lora, frozen, batch, rng, mask):
-    """Î with gradients w.r.t. the LoRA params, and the latent-term aux (or None)."""
+    """Î with gradients w.r.t. the LoRA params, the latent-term aux (or None), and the number
+    of copies per example (DRaFT-LV)."""
     cfg, s, t = self.config, self.config.sampling, self.config.train
     unet_params = lora_lib.merge(frozen["unet"], lora, scale=self.lora_scale)
+    conditioning = self._conditioning(frozen, batch)  # encoded once, shared by every denoiser
     copies = t.lv_copies if t.gradient == "lv" else 1
-    denoise = self._denoiser(unet_params, frozen, batch)
     aux_fn = None
     if cfg.objective.gamma > 0:
-      base = self._denoiser(frozen["unet"], frozen, batch, copies)
-      h, w = batch["x_T"].shape[1:3]
-      m = jnp.concatenate([objective.latent_mask(mask, (h, w))] * copies, axis=0)
+      base = self._denoiser(frozen["unet"], conditioning, copies)
+      m = jnp.concatenate([objective.latent_mask(mask, batch["x_T"].shape[1:3])] * copies, 0)
       aux_fn = lambda x, tt, out: objective.latent_difference(
           out, jax.lax.stop_gradient(base(x, tt)), m)
+    denoise = self._denoiser(unet_params, conditioning)
     if t.gradient == "lv":
-      x0, aux = sampling.sample_lv(denoise, self._denoiser(unet_params, frozen, batch, copies),
+      x0, aux = sampling.sample_lv(denoise, self._denoiser(unet_params, conditioning, copies),
                                    batch["x_T"], self.pipe.scheduler, num_steps=s.num_steps,
                                    copies=copies, rng=rng, eta=s.eta, noise=batch.get("noise"),
                                    remat_policy=t.remat_policy, aux_fn=aux_fn)
     else:
-      k = s.num_steps if t.gradient == "full" else t.grad_steps
-      x0, aux = sampling.sample(denoise, batch["x_T"], self.pipe.scheduler,
-                                num_steps=s.num_steps, eta=s.eta, noise=batch.get("noise"),
-                                grad_steps=k, remat_policy=t.remat_policy, aux_fn=aux_fn)
+      x0, aux = self._sample(denoise, batch, grad_steps=self.grad_steps, aux_fn=aux_fn)
     return self.pipe.decode(frozen["vae"], x0), aux, copies
 
   def loss(self, lora, frozen, batch, rng, reference, mask):
@@ -186,14 +192,7 @@ class Step:
 
   def eval_images(self, lora, frozen, batch) -> jax.Array:
     """Î of the current LoRA model (no gradient), for image panels and evaluation."""
-    s = self.config.sampling
     unet_params = lora_lib.merge(frozen["unet"], lora, scale=self.lora_scale)
-    x0, _ = sampling.sample(self._denoiser(unet_params, frozen, batch), batch["x_T"],
-                            self.pipe.scheduler, num_steps=s.num_steps, eta=s.eta,
-                            noise=batch.get("noise"))
+    denoise = self._denoiser(unet_params, self._conditioning(frozen, batch))
+    x0, _ = self._sample(denoise, batch, grad_steps=0)
     return self.pipe.decode(frozen["vae"], x0)
-
-
-def make(pipe, reward, config) -> tuple[Step, Callable]:
-  step = Step(pipe, reward, config)
-  return step, step.train_step

@@ -7,6 +7,7 @@ The feed's position counts examples consumed, across epochs; each epoch is a fre
 """
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -31,20 +32,15 @@ class Feed:
     if not examples:
       raise ValueError("no training examples")
     self.examples, self.batch_size, self.shuffle_seed = examples, batch_size, shuffle_seed
-    self._orders: dict[int, np.ndarray] = {}
 
+  @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
   def _order(self, epoch: int) -> np.ndarray:
-    if epoch not in self._orders:
-      rng = np.random.default_rng([self.shuffle_seed, epoch])
-      self._orders = {epoch: rng.permutation(len(self.examples))}
-    return self._orders[epoch]
+    return np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.examples))
 
   def batch_at(self, position: int) -> list[Example]:
     n = len(self.examples)
-    out = []
-    for p in range(position, position + self.batch_size):
-      out.append(self.examples[int(self._order(p // n)[p % n])])
-    return out
+    return [self.examples[int(self._order(p // n)[p % n])]
+            for p in range(position, position + self.batch_size)]
 
 
 def initial_noise(seed: int, latent_shape: tuple[int, ...]) -> np.ndarray:

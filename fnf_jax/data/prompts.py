@@ -14,7 +14,7 @@ mangled prompt file cannot go unnoticed.
 import csv
 import dataclasses
 import hashlib
-from typing import Callable, Sequence
+from typing import Callable
 
 from absl import logging
 

@@ -25,19 +25,13 @@ and `fnf_jax.toy.export.export_pipeline` writes them unchanged.
 import json
 import os
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import schedulers
-from fnf_jax.models import clip
+from fnf_jax import tiny
 from fnf_jax.models import clip_tokenizer
-from fnf_jax.models import convert
-from fnf_jax.models import unet as unet_lib
-from fnf_jax.models import vae as vae_lib
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Caption words first (toy_world.captions() uses only these), then a few for prompt variants.
@@ -169,50 +163,11 @@ def build_pipeline(tokenizer_dir: str, *, params: dict | None = None, seed: int 
   """
   if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
     write_tokenizer(tokenizer_dir)
-  unet = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(unet_config()),
-                                       attention_impl=attention_impl)
-  vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(vae_config(vae_scaling_factor)),
-                              attention_impl=attention_impl)
-  text = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config()),
-                            attention_impl=attention_impl)
-  if params is None:
-    k_unet, k_vae, k_text = np.random.SeedSequence(seed).spawn(3)
-    params = {
-        "unet": init_params(unet, unet_lib.dummy_inputs(unet.config), k_unet),
-        "vae": init_params(vae, (vae_lib.dummy_images(vae.config),), k_vae),
-        "text_encoder": init_params(text, (jnp.zeros((1, 77), jnp.int32),), k_text),
-    }
-  return pipeline_lib.Pipeline(
-      unet=unet, vae=vae, text_encoders=(text,), tokenizers=(clip_tokenizer.load(tokenizer_dir),),
-      scheduler=schedulers.DDIMConfig.from_dict(scheduler_config()), params=params,
-      path="<toy, in memory>")
-
-
-def init_params(module: nn.Module, inputs: tuple, seed) -> dict:
-  """Fresh numpy params in `module`'s tree: kernels N(0, 1/fan_in) (flax's lecun_normal, PyTorch's
-  scale), norm scales 1, biases 0, embeddings N(0, 0.02) (CLIP's).
-
-  Only the shapes come from flax (eval_shape): compiling flax's own init for the toy UNet takes
-  about a minute on two CPU cores, this takes milliseconds.
-  """
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(nn.meta.unbox(convert.abstract_params(module, *inputs)))
-  out = {}
-  for path, leaf in flat.items():
-    shape, name = tuple(leaf.shape), path[-1]
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      value = rng.standard_normal(shape) / np.sqrt(fan_in)
-    elif name == "embedding":
-      value = 0.02 * rng.standard_normal(shape)
-    elif name == "scale":
-      value = np.ones(shape)
-    elif name == "bias":
-      value = np.zeros(shape)
-    else:
-      raise ValueError(f"no initializer for parameter {'/'.join(path)}")
-    out[path] = value.astype(np.float32)
-  return traverse_util.unflatten_dict(out)
+  return tiny.build_pipeline(
+      unet=unet_config(), vae=vae_config(vae_scaling_factor), text=text_config(),
+      tokenizer=clip_tokenizer.load(tokenizer_dir),
+      scheduler=schedulers.DDIMConfig.from_dict(scheduler_config()), params=params, seed=seed,
+      attention_impl=attention_impl, path="<toy, in memory>")
 
 
 def count_params(tree) -> int:
