@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 4  # global batch (images per step); divisible by the device count.
   c.data.seeds_per_prompt = 1  # examples per prompt (different x_T)
+  # > 0: train only on examples whose cached mask M covers at least this fraction of the image
+  # (the reward found a problem there); the others would contribute the constraint alone.
+  c.data.min_mask_area = 0.0
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.num_steps = 50  # DDIM steps, for the reference and the fine-tuned samples alike

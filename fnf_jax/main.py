@@ -6,6 +6,7 @@ reads flags.
 
 import importlib
 import importlib.util
+import os
 import sys
 
 from absl import app
@@ -23,7 +24,19 @@ JOBS = {
     "sample": "fnf_jax.sample:run",
     "cache": "fnf_jax.train:cache",
     "train": "fnf_jax.train:train",
+    "pretrain": "fnf_jax.toy.pretrain:run",
+    "demo": "fnf_jax.toy.demo:run",
 }
+
+
+class _QuietLibraries:
+  """Drops INFO records of libraries that log every internal step: orbax writes ~20 lines per
+  checkpoint save, which buries the training log. Warnings and errors pass."""
+
+  NOISY = (f"{os.sep}orbax{os.sep}",)
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
 
 
 def run_job(config, workdir: str):
@@ -80,6 +93,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (where outputs, checkpoints and logs go)")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("job %s, workdir %s", _CONFIG.value.job, _WORKDIR.value)
   run_job(_CONFIG.value, _WORKDIR.value)
 

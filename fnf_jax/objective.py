@@ -62,18 +62,20 @@ def latent_mask(mask: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
 
 
 def loss(*, rewards: jax.Array, images: jax.Array, reference: jax.Array, mask: jax.Array,
-         cfg, latent_term: jax.Array | None = None) -> tuple[jax.Array, dict]:
+         cfg, latent_term: jax.Array | None = None,
+         region: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Total loss (scalar) and per-step metrics.
 
   cfg fields: beta (pixel constraint weight), gamma (latent term weight), constraint_norm,
-  reward_weight.
+  reward_weight. `region` (default: `mask`) is the mask the change metrics are measured in.
   """
   constraint = regional_constraint(images, reference, mask, cfg.constraint_norm)
   total = -cfg.reward_weight * jnp.mean(rewards) + cfg.beta * jnp.mean(constraint)
   if latent_term is not None:
     total = total + cfg.gamma * jnp.mean(latent_term)
   metrics = {"loss": total, "reward": jnp.mean(rewards), "reward_std": jnp.std(rewards),
-             "constraint": jnp.mean(constraint), **change_metrics(images, reference, mask)}
+             "constraint": jnp.mean(constraint),
+             **change_metrics(images, reference, mask if region is None else region)}
   if latent_term is not None:
     metrics["latent_term"] = jnp.mean(latent_term)
   return total, metrics

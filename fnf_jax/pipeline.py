@@ -70,13 +70,13 @@ class Pipeline:
     out = {"unet": convert.abstract_params(self.unet, *unet_lib.dummy_inputs(self.unet.config)),
            "vae": convert.abstract_params(self.vae, vae_lib.dummy_images(self.vae.config))}
     names = ("text_encoder", "text_encoder_2")
-    for name, encoder in zip(names, self.text_encoders):
-      out[name] = convert.abstract_params(encoder, jnp.zeros((1, 77), jnp.int32))
+    for name, encoder, tok in zip(names, self.text_encoders, self.tokenizers):
+      out[name] = convert.abstract_params(encoder, jnp.zeros((1, tok.model_max_length), jnp.int32))
     return out
 
   # --- tokens -------------------------------------------------------------------------------
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-    """[num_encoders, B, 77] int32 token ids, one row per text encoder's own tokenizer."""
+    """[num_encoders, B, L] int32 token ids (L: model_max_length, 77 in SD), one per tokenizer."""
     return np.stack([tok(list(prompts)) for tok in self.tokenizers])
 
   # --- pure pieces (params are arguments; jit them from outside) ----------------------------

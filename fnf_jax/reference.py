@@ -30,8 +30,9 @@ MANIFEST = "manifest.json"
 
 def fingerprint(config, examples: list[examples_lib.Example]) -> str:
   """What the cached values depend on: model, prompts and seeds, sampling and mask settings."""
+  # Not objective.mask: the cached M is the reward's region either way (train_step.reference).
   parts = [config.model.path, config.model.dtype, config.reward.to_json(),
-           config.sampling.to_json(), config.mask.to_json(), config.objective.mask]
+           config.sampling.to_json(), config.mask.to_json()]
   parts += [f"{e.index}|{e.seed}|{e.prompt}" for e in examples]
   return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -45,6 +46,21 @@ def write(workdir: str, config, examples, compute, *, shard_size: int, batch_siz
   """Computes `compute(examples) -> (reference, mask)` for every example, shard by shard."""
   out = directory(workdir)
   os.makedirs(out, exist_ok=True)
+  # Shards already on disk are reused (an interrupted cache job resumes), so they must have been
+  # computed for this config: the fingerprint is recorded before the first shard is written.
+  expected = fingerprint(config, examples)
+  stamp = os.path.join(out, "fingerprint.txt")
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      found = f.read().strip()
+    if found != expected:
+      raise ValueError(
+          f"{out!r} holds reference shards of another model, prompt set or sampling/mask "
+          f"settings (fingerprint {found} != {expected}); nothing was overwritten. Use a fresh "
+          "workdir, or delete that folder to recompute it.")
+  else:
+    with open(stamp, "w") as f:
+      f.write(expected + "\n")
   num_shards = -(-len(examples) // shard_size)
   bar = progress.Progress(len(examples), label="reference")
   for k in range(num_shards):
@@ -63,7 +79,7 @@ def write(workdir: str, config, examples, compute, *, shard_size: int, batch_siz
     bar.update(len(chunk))
   with open(os.path.join(out, MANIFEST), "w") as f:
     json.dump({"num_examples": len(examples), "shard_size": shard_size,
-               "fingerprint": fingerprint(config, examples)}, f)
+               "fingerprint": expected}, f)
   logging.info("reference cache complete: %d examples in %s", len(examples), out)
   return out
 

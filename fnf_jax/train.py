@@ -140,6 +140,29 @@ def cache(config, workdir: str) -> str:
 # ------------------------------------------------------------------------------------- train
 
 
+def select_examples(config, examples: list, cached) -> list:
+  """The examples to train on: all, or (data.min_mask_area > 0) those whose cached mask M of Î0
+  covers at least that fraction of the image, i.e. where the reward found something to fix."""
+  threshold = config.data.min_mask_area
+  if threshold <= 0:
+    return examples
+  if cached is None:
+    raise ValueError("data.min_mask_area > 0 selects examples by their cached mask: it needs "
+                     "train.reference = 'cache' (and the cache job run first)")
+  chosen = []
+  for start in range(0, len(examples), 256):
+    chunk = examples[start:start + 256]
+    _, masks = cached.get([e.index for e in chunk])
+    chosen += [e for e, m in zip(chunk, masks) if float(np.mean(m)) >= threshold]
+  logging.info("data.min_mask_area = %g: training on %d of %d examples", threshold, len(chosen),
+               len(examples))
+  if len(chosen) < config.data.batch_size:
+    raise ValueError(f"only {len(chosen)} of {len(examples)} examples have a mask covering >= "
+                     f"{threshold} of the image, fewer than one batch ({config.data.batch_size}):"
+                     " lower data.min_mask_area or add prompts / data.seeds_per_prompt")
+  return chosen
+
+
 def _host_batch(run: Run, feed, position: int, cached) -> dict:
   s = run.config.sampling
   chunk = feed.batch_at(position)
@@ -152,13 +175,19 @@ def _host_batch(run: Run, feed, position: int, cached) -> dict:
 
 def train(config, workdir: str) -> dict:
   """The `train` job. Returns the last logged metrics (host floats)."""
+  return fit(config, workdir)[0]
+
+
+def fit(config, workdir: str) -> tuple[dict, dict]:
+  """Trains (or resumes) the run in `workdir`: (last logged metrics, final LoRA params on host)."""
   os.makedirs(workdir, exist_ok=True)
   run = setup(config)
   metrics_lib.write_config(workdir, config)
   t, mesh = config.train, run.mesh
-  feed = examples_lib.Feed(run.examples, config.data.batch_size, config.seed)
   cached = (reference_lib.Cache(workdir, config, run.examples)
             if t.reference == "cache" else None)
+  examples = select_examples(config, run.examples, cached)
+  feed = examples_lib.Feed(examples, config.data.batch_size, config.seed)
   rng = jax.random.key(config.seed)
   repl = sharding.replicated(mesh)
 
@@ -230,7 +259,7 @@ def train(config, workdir: str) -> dict:
           _panels(writer, panel_fns, run.frozen, state, host, step + 1)
         preempted = stop(step + 1)
         meta = {"step": step + 1, "position": position + config.data.batch_size,
-                "epoch": (position + config.data.batch_size) // len(run.examples)}
+                "epoch": (position + config.data.batch_size) // len(examples)}
         ckpt.save(step + 1, {"train": state, "rng": rng}, meta,
                   force=preempted or step + 1 == t.num_steps)
         if preempted:
@@ -241,10 +270,10 @@ def train(config, workdir: str) -> dict:
       ckpt.close()
       writer.close()
       stop.uninstall()
-    checkpoint.export_lora_safetensors(jax.device_get(state.lora),
-                                       os.path.join(workdir, "lora.safetensors"),
+    lora = jax.device_get(state.lora)
+    checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
                                        alpha=config.lora.alpha, rank=config.lora.rank)
-  return last
+  return last, lora
 
 
 def _panels(writer, panel_fns, frozen, state, host, step):

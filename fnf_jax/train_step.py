@@ -125,11 +125,10 @@ class Step:
     # with a zero LoRA the two are the same computation and Î == Î0 holds bit for bit.
     x0, _ = self._sample(denoise, batch, grad_steps=self.grad_steps)
     images = self.pipe.decode(frozen["vae"], x0)
-    if self.config.objective.mask == "ones":
-      mask = jnp.ones(images.shape[:3], jnp.float32)
-    else:
-      heat = self.reward.heatmap(frozen["reward"], images, batch["ids"])
-      mask = masks.from_config(heat, images.shape[1:3], self.config.mask)
+    # The reward's region even when the objective ignores it (objective.mask = "ones", DRaFT):
+    # the change inside / outside it is what compares the two methods.
+    heat = self.reward.heatmap(frozen["reward"], images, batch["ids"])
+    mask = masks.from_config(heat, images.shape[1:3], self.config.mask)
     return jax.lax.stop_gradient(images), jax.lax.stop_gradient(mask)
 
   def _generate(self, lora, frozen, batch, rng, mask):
@@ -155,15 +154,19 @@ class Step:
       x0, aux = self._sample(denoise, batch, grad_steps=self.grad_steps, aux_fn=aux_fn)
     return self.pipe.decode(frozen["vae"], x0), aux, copies
 
-  def loss(self, lora, frozen, batch, rng, reference, mask):
+  def loss(self, lora, frozen, batch, rng, reference, region):
+    """`region` is the reward's mask M of Î0; the objective uses it, or 1 everywhere when
+    objective.mask = "ones", and the change metrics are measured against it either way."""
     cfg = self.config
+    mask = jnp.ones_like(region) if cfg.objective.mask == "ones" else region
     images, aux, copies = self._generate(lora, frozen, batch, rng, mask)
     tile = lambda x: jnp.concatenate([x] * copies, axis=0)
     reference, mask, ids = tile(reference), tile(mask), jnp.concatenate([batch["ids"]] * copies, 1)
     seen = objective.reward_input(images, mask, cfg.objective.reward_region)
     rewards = self.reward.score(frozen["reward"], seen, ids)
     total, metrics = objective.loss(rewards=rewards, images=images, reference=reference,
-                                    mask=mask, cfg=cfg.objective, latent_term=aux)
+                                    mask=mask, cfg=cfg.objective, latent_term=aux,
+                                    region=tile(region))
     return total, (metrics, images)
 
   # --- the step -----------------------------------------------------------------------------

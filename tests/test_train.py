@@ -89,6 +89,11 @@ def test_cached_reference_matches_online(uninterrupted, tmp_path):
   cached = read_metrics(workdir)
   assert cached[1]["constraint"] < 1e-4
   assert_same(uninterrupted, cached, (1, 2), rtol=1e-3, atol=1e-4)
+  # Another config's cache job in the same workdir refuses to mix its shards with these.
+  shards = sorted(os.listdir(os.path.join(workdir, "reference")))
+  with pytest.raises(ValueError, match="nothing was overwritten"):
+    main.run_job(tiny_config(**{"job": "cache", "sampling.num_steps": 3}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "reference"))) == shards
 
 
 def test_cache_mode_without_cache_says_what_to_run(tmp_path):
@@ -107,3 +112,25 @@ def test_real_config_without_model_path_says_how_to_get_one(tmp_path):
   config = violence.get_config()
   with pytest.raises(ValueError, match="--config.model.path="):
     main.run_job(config, str(tmp_path))
+
+
+def test_select_examples_by_cached_mask_area():
+  from fnf_jax.data import examples as examples_lib  # pylint: disable=import-outside-toplevel
+
+  class AreaCache:  # example i's mask covers i / 10 of the image
+    def get(self, indices):
+      masks = np.zeros((len(indices), 10, 10), np.float32)
+      for k, i in enumerate(indices):
+        masks[k, :i] = 1.0
+      return None, masks
+
+  examples = examples_lib.make_examples([f"p{i}" for i in range(10)], 1, 0)
+  c = tiny_config(**{"data.batch_size": 2})
+  assert train.select_examples(c, examples, None) == examples  # 0: everything, no cache needed
+  c.data.min_mask_area = 0.65
+  assert [e.index for e in train.select_examples(c, examples, AreaCache())] == [7, 8, 9]
+  with pytest.raises(ValueError, match="train.reference = 'cache'"):
+    train.select_examples(c, examples, None)
+  c.data.min_mask_area = 0.95
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    train.select_examples(c, examples, AreaCache())
