@@ -137,7 +137,7 @@ def test_tokenizer_one_token_per_word(tokenizer_dir):
   assert len(tok.encode("a purple hexagon")) > 3  # unknown words fall back to letters
   cfg = models.text_config()
   ids = tok(["a red circle"])[0]
-  assert ids.shape == (77,) and ids[0] == cfg["bos_token_id"] and ids[4] == cfg["eos_token_id"]
+  assert ids.shape == (models.MAX_TOKENS,) and ids[0] == cfg["bos_token_id"] and ids[4] == cfg["eos_token_id"]
   assert tok.vocab_size == cfg["vocab_size"] and tok.pad_token_id == cfg["pad_token_id"]
 
 
@@ -238,12 +238,12 @@ def test_export_is_a_diffusers_checkpoint(exported, latents):
   ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
   assert type(ref.scheduler).__name__ == "DDIMScheduler"
   ids = loaded.tokenize(PROMPTS)[0]
-  ref_ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=77).input_ids
+  ref_ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=models.MAX_TOKENS).input_ids
   np.testing.assert_array_equal(ids, np.asarray(ref_ids))
 
   rng = np.random.default_rng(2)
   x, t = latents, np.array([10.0, 700.0], np.float32)
-  context = rng.standard_normal((2, 77, 64)).astype(np.float32)
+  context = rng.standard_normal((2, models.MAX_TOKENS, 64)).astype(np.float32)
   nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2))
   nhwc = lambda a: a.numpy().transpose(0, 2, 3, 1)
   with torch.no_grad():

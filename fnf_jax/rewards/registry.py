@@ -26,7 +26,8 @@ class Reward:
 _BUILDERS: dict[str, Callable[..., Reward]] = {}
 # Modules that register rewards on import; imported on first lookup so configs need no imports.
 _MODULES = ("fnf_jax.rewards.color", "fnf_jax.rewards.q16", "fnf_jax.rewards.laion",
-            "fnf_jax.rewards.clip_score", "fnf_jax.rewards.zero_shot")
+            "fnf_jax.rewards.clip_score", "fnf_jax.rewards.zero_shot",
+            "fnf_jax.rewards.toy_defect")
 
 
 def register(name: str):
