@@ -1,0 +1,138 @@
+"""The `demo` job (configs/toy.py): references, Focus-N-Fix and DRaFT from the same start, the
+judge's evaluation on held-out seeds, and WORKDIR/report.
+
+Layout of WORKDIR:
+    fnf/     the Focus-N-Fix run (its reference cache, checkpoints, metrics.jsonl, lora)
+    draft/   the DRaFT run (the same reference cache, linked)
+    report/  index.html, grid.png, metrics.json
+A finished run is resumed, not repeated: train() picks up from its checkpoints.
+"""
+
+import copy
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from fnf_jax import train as train_lib
+from fnf_jax.data import examples as examples_lib
+from fnf_jax.reference import directory as reference_directory
+from fnf_jax.toy import evaluate
+from fnf_jax.toy import judge
+from fnf_jax.toy import report as report_lib
+
+METHODS = ("base", "draft", "fnf")
+
+
+def method_config(config, method: str):
+  """The training config of "fnf" (the config itself) or "draft" (with config.draft applied)."""
+  cfg = copy.deepcopy(config)
+  if method == "draft":
+    _override(cfg, config.draft, "draft")
+  elif method != "fnf":
+    raise ValueError(f"method {method!r} is not one of ('fnf', 'draft')")
+  return cfg
+
+
+def _override(node, overrides, where: str) -> None:
+  for key, value in overrides.items():
+    if key not in node:
+      raise KeyError(f"config.{where}.{key} overrides nothing: the config has no {key!r}")
+    if hasattr(value, "items"):
+      _override(node[key], value, f"{where}.{key}")
+    else:
+      node[key] = value
+
+
+def _share_cache(source_workdir: str, workdir: str) -> None:
+  """Points workdir/reference at the other run's cache (same model, examples, sampling, mask)."""
+  os.makedirs(workdir, exist_ok=True)
+  link = reference_directory(workdir)
+  if not os.path.lexists(link):
+    os.symlink(os.path.abspath(reference_directory(source_workdir)), link)
+
+
+def eval_examples(config) -> list:
+  prompts = list(config.prompts.texts)
+  return examples_lib.make_examples(prompts, config.eval.seeds_per_prompt,
+                                    config.seed + config.eval.seed_offset)
+
+
+def sample_all(run, loras: dict, examples: list, config) -> dict:
+  """Î0 and M of the base model and each LoRA's images, for every example; numpy."""
+  reference_fn = jax.jit(run.step.reference)
+  images_fn = jax.jit(run.step.eval_images)
+  score_fn = jax.jit(run.reward.score)
+  s, bs = config.sampling, config.data.batch_size
+  out = {k: [] for k in ("reference", "mask", "ids", *[f"images_{m}" for m in loras],
+                         *[f"reward_{m}" for m in ("base", *loras)])}
+  for start in range(0, len(examples), bs):
+    chunk = examples[start:start + bs]
+    pad = bs - len(chunk)  # the last batch is padded with repeats so nothing recompiles
+    batch = examples_lib.host_batch(run.pipe, chunk + chunk[:1] * pad,
+                                    negative_prompt=s.negative_prompt, num_steps=s.num_steps,
+                                    eta=s.eta)
+    batch.pop("index")
+    ids = batch["ids"][0]
+    reference, mask = reference_fn(run.frozen, batch)
+    keep = slice(0, len(chunk))
+    out["reference"].append(np.asarray(reference)[keep])
+    out["mask"].append(np.asarray(mask)[keep])
+    out["reward_base"].append(np.asarray(score_fn(run.reward.params, reference, ids))[keep])
+    for name, lora in loras.items():
+      images = images_fn(lora, run.frozen, batch)
+      out[f"images_{name}"].append(np.asarray(images)[keep])
+      out[f"reward_{name}"].append(np.asarray(score_fn(run.reward.params, images, ids))[keep])
+  return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def run(config, workdir: str) -> dict:
+  """The demo job; returns the metrics (also in WORKDIR/report/metrics.json)."""
+  t0 = time.time()
+  if not jax.config.jax_compilation_cache_dir:
+    # The evaluation compiles the cache job's reference program again (another Step instance):
+    # a persistent compilation cache makes that, and every rerun of the demo, a cache hit.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  runs = {m: os.path.join(workdir, m) for m in ("fnf", "draft")}
+  fnf_cfg = method_config(config, "fnf")
+  if config.train.reference == "cache":
+    train_lib.cache(fnf_cfg, runs["fnf"])
+    _share_cache(runs["fnf"], runs["draft"])
+  loras, seconds = {}, {}
+  for method in ("draft", "fnf"):
+    tic = time.time()
+    _, loras[method] = train_lib.fit(method_config(config, method), runs[method])
+    seconds[method] = time.time() - tic
+    logging.info("%s: trained in %.0f s", method, seconds[method])
+
+  run_ = train_lib.setup(fnf_cfg)
+  examples = eval_examples(config)
+  out = sample_all(run_, loras, examples, config)
+  captions = [e.prompt for e in examples]
+  metrics = {"base": evaluate.method_metrics(out["reference"], out["reference"], out["mask"],
+                                             captions, out["reward_base"])}
+  base_verdict = judge.evaluate(out["reference"], captions)
+  for method in ("draft", "fnf"):
+    metrics[method] = evaluate.method_metrics(
+        out[f"images_{method}"], out["reference"], out["mask"], captions,
+        out[f"reward_{method}"], base=base_verdict)
+    metrics[method]["train_seconds"] = round(seconds[method], 1)
+  metrics["setup"] = {
+      "train_examples": len(run_.examples), "eval_examples": len(examples),
+      "train_steps": config.train.num_steps, "batch_size": config.data.batch_size,
+      "ddim_steps": config.sampling.num_steps, "guidance_scale": config.sampling.guidance_scale,
+      "grad_steps": config.train.grad_steps, "beta": config.objective.beta,
+      "lora_rank": config.lora.rank, "lr": config.optim.lr,
+      "total_seconds": round(time.time() - t0, 1),
+  }
+  folder = report_lib.write(os.path.join(workdir, "report"), metrics, out, captions,
+                            {m: os.path.join(runs[m], "metrics.jsonl") for m in runs},
+                            rows=config.eval.grid_rows)
+  table = report_lib.table_text(metrics)
+  print(table, flush=True)
+  logging.info("report: %s", os.path.join(folder, "index.html"))
+  return metrics
