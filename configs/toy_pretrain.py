@@ -3,13 +3,16 @@
     python -m fnf_jax.main --config=configs/toy_pretrain.py --workdir=/tmp/toy_pretrain
 
 writes WORKDIR/pipeline (a diffusers-format folder: unet, vae, text_encoder, tokenizer,
-scheduler), sample grids and sample_report.jsonl (the judge's colour / shape / defect rates on
-fresh samples). The shipped weights in fnf_jax/assets/toy_pipeline are a copy of that folder:
+scheduler), WORKDIR/toy_defect.safetensors (the reward model), sample grids and
+sample_report.jsonl (the judge's colour / shape / defect rates on fresh samples). The shipped
+weights are copies of those:
 
-    rm -rf fnf_jax/assets/toy_pipeline && cp -r /tmp/toy_pretrain/pipeline fnf_jax/assets/toy_pipeline
+    rm -rf fnf_jax/assets/toy_pipeline
+    cp -r /tmp/toy_pretrain/pipeline fnf_jax/assets/toy_pipeline
+    cp /tmp/toy_pretrain/toy_defect.safetensors fnf_jax/assets/
 
-On a 2-core CPU the VAE stage takes a few minutes and the UNet stage about an hour; a stopped
-run picks up from WORKDIR (`:smoke` is the few-step variant the tests run).
+On a 2-core CPU: VAE 11 min, reward 6 min, UNet 42 min (BENCHMARKS.md). A stopped run picks up
+from WORKDIR; `:smoke` is the few-step variant the tests run.
 """
 
 import ml_collections
