@@ -1,5 +1,8 @@
 """Global DRaFT (Clark et al., 2024): the baseline, as the same code with M ≡ 1 and β = γ = 0.
 
+The reward's mask M of Î0 is still computed: it does not enter the objective, but the logged
+change_inside / change_outside are measured in it, comparable with a Focus-N-Fix run.
+
     python -m fnf_jax.main --config=configs/draft.py --workdir=/mnt/bucket/draft \
         --config.model.path=/models/stable-diffusion-v1-4
 

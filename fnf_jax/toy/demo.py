@@ -9,7 +9,6 @@ A finished run is resumed, not repeated: train() picks up from its checkpoints.
 """
 
 import copy
-import json
 import os
 import time
 
@@ -67,7 +66,7 @@ def sample_all(run, loras: dict, examples: list, config) -> dict:
   images_fn = jax.jit(run.step.eval_images)
   score_fn = jax.jit(run.reward.score)
   s, bs = config.sampling, config.data.batch_size
-  out = {k: [] for k in ("reference", "mask", "ids", *[f"images_{m}" for m in loras],
+  out = {k: [] for k in ("reference", "mask", *[f"images_{m}" for m in loras],
                          *[f"reward_{m}" for m in ("base", *loras)])}
   for start in range(0, len(examples), bs):
     chunk = examples[start:start + bs]
@@ -86,7 +85,7 @@ def sample_all(run, loras: dict, examples: list, config) -> dict:
       images = images_fn(lora, run.frozen, batch)
       out[f"images_{name}"].append(np.asarray(images)[keep])
       out[f"reward_{name}"].append(np.asarray(score_fn(run.reward.params, images, ids))[keep])
-  return {k: np.concatenate(v) for k, v in out.items() if v}
+  return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def run(config, workdir: str) -> dict:
@@ -122,7 +121,9 @@ def run(config, workdir: str) -> dict:
         out[f"reward_{method}"], base=base_verdict)
     metrics[method]["train_seconds"] = round(seconds[method], 1)
   metrics["setup"] = {
-      "train_examples": len(run_.examples), "eval_examples": len(examples),
+      # The pool; training uses those with data.min_mask_area (the count is in the log).
+      "example_pool": len(run_.examples), "min_mask_area": config.data.min_mask_area,
+      "eval_examples": len(examples),
       "train_steps": config.train.num_steps, "batch_size": config.data.batch_size,
       "ddim_steps": config.sampling.num_steps, "guidance_scale": config.sampling.guidance_scale,
       "grad_steps": config.train.grad_steps, "beta": config.objective.beta,

@@ -40,10 +40,12 @@ from fnf_jax.toy import judge
 from fnf_jax.toy import models
 
 
-def images_batch(step: int, batch_size: int, cfg, defect_rate: float | None = None) -> dict:
-  """Training images for `step`: world indices step * batch_size + i (never the eval indices,
-  which `eval_indices` takes from the other end of the index space)."""
-  return toy_world.batch(range(step * batch_size, (step + 1) * batch_size), seed=cfg.data_seed,
+def images_batch(step: int, batch_size: int, cfg, defect_rate: float | None = None,
+                 offset: int = 0) -> dict:
+  """Training images for `step`: world indices offset + step * batch_size + i (never the eval
+  indices, which `eval_indices` takes from the other end of the index space)."""
+  start = offset + step * batch_size
+  return toy_world.batch(range(start, start + batch_size), seed=cfg.data_seed,
                          defect_rate=cfg.defect_rate if defect_rate is None else defect_rate)
 
 
@@ -56,6 +58,12 @@ def _adamw(cfg):
                                                 cfg.lr * 0.1)
   return optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b2=0.99, weight_decay=cfg.weight_decay))
+
+
+def _encode_sample(vae, vae_params, images, rng) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(z, mean, logvar): a posterior draw (unscaled latents) for images [B, H, W, 3] in [0, 1]."""
+  mean, logvar = vae.apply({"params": vae_params}, images * 2 - 1, method=vae.encode)
+  return vae_lib.sample_posterior(mean, logvar, rng), mean, logvar
 
 
 def _save(path: str, tree) -> None:
@@ -89,8 +97,7 @@ def train_vae(cfg, workdir: str) -> tuple[dict, float]:
   def step(params, opt_state, images, defect, rng):
     def loss_fn(p):
       x = images * 2 - 1
-      mean, logvar = vae.apply({"params": p}, x, method=vae.encode)
-      z = vae_lib.sample_posterior(mean, logvar, rng)
+      z, mean, logvar = _encode_sample(vae, p, images, rng)
       rec = vae.apply({"params": p}, z, method=vae.decode)
       # Blotch pixels weigh more: they are ~0.5% of all pixels, and a plain L1 autoencoder of
       # this size paints them over with the shape's colour (judge recall 2% after 1500 steps).
@@ -162,10 +169,8 @@ def train_reward(cfg, workdir: str, vae_params: dict) -> dict:
   opt_state = opt.init(params)
 
   def reconstruct(images, rng):
-    mean, logvar = vae.apply({"params": vae_params}, images * 2 - 1, method=vae.encode)
-    rec = vae.apply({"params": vae_params}, vae_lib.sample_posterior(mean, logvar, rng),
-                    method=vae.decode)
-    return jnp.clip(rec / 2 + 0.5, 0, 1)
+    z, _, _ = _encode_sample(vae, vae_params, images, rng)
+    return jnp.clip(vae.apply({"params": vae_params}, z, method=vae.decode) / 2 + 0.5, 0, 1)
 
   @jax.jit
   def step(params, opt_state, images, target, rng):
@@ -181,11 +186,9 @@ def train_reward(cfg, workdir: str, vae_params: dict) -> dict:
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = jax.random.key(cfg.seed + 4)
-  offset = 10**8  # its own slice of the world's training indices
   for i in range(cfg.reward.steps):
-    data = toy_world.batch(range(offset + i * cfg.reward.batch_size,
-                                 offset + (i + 1) * cfg.reward.batch_size),
-                           seed=cfg.data_seed, defect_rate=0.5)
+    # Its own slice of the world's training indices, half of them with a blotch.
+    data = images_batch(i, cfg.reward.batch_size, cfg, defect_rate=0.5, offset=10**8)
     params, opt_state, loss = step(params, opt_state, jnp.asarray(data["image"]),
                                    jnp.asarray(data["defect_mask"], jnp.float32),
                                    jax.random.fold_in(rng, i))
@@ -221,17 +224,14 @@ def make_unet_step(cfg, pipe, opt):
   """The jitted ε-prediction step on {"unet", "text_encoder"} params (+ EMA), through the same
   Pipeline.encode_prompts / unet_model that sampling and fine-tuning use."""
   sched = pipe.scheduler
-  alphas = jnp.asarray(schedulers.alphas_cumprod(sched), jnp.float32)
-  vae, vae_params = pipe.vae, pipe.params["vae"]
 
   def step(state, images, ids, rng):
     k_post, k_t, k_noise = jax.random.split(rng, 3)
-    mean, logvar = vae.apply({"params": vae_params}, images * 2 - 1, method=vae.encode)
-    x0 = vae_lib.to_latents(vae_lib.sample_posterior(mean, logvar, k_post), vae.config)
+    z, _, _ = _encode_sample(pipe.vae, pipe.params["vae"], images, k_post)
+    x0 = vae_lib.to_latents(z, pipe.vae.config)
     t = jax.random.randint(k_t, (x0.shape[0],), 0, sched.num_train_timesteps)
     noise = jax.random.normal(k_noise, x0.shape)
-    a = alphas[t][:, None, None, None]
-    xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+    xt = schedulers.add_noise(sched, x0, noise, t)
 
     def loss_fn(p):
       cond = pipe.encode_prompts(p, ids[None])
