@@ -3,7 +3,7 @@
   python benchmarks/train_step.py --model tiny|sd15 --batch 4 --steps 50 --grad_steps 2 \
       --rank 64 --reference cache|online|both --dtype bfloat16 --attention cudnn
 
-Random weights of the chosen shapes (no checkpoint needed), the real `train_step.Step` jitted
+Random weights of the chosen shapes (no checkpoint needed), the real `train_step.build` step jitted
 as the training loop jits it, random non-zero inputs, median of >= 10 steps after warm-up.
 FLOPs come from XLA's cost analysis (trustworthy on the CPU only: on GPUs it misses cuDNN and
 cuBLAS custom calls); the matmul rate is measured in the same run on the same device.
@@ -24,11 +24,12 @@ import jax.numpy as jnp  # noqa: E402
 
 from unet import flops_of, matmul_rate, median_time  # noqa: E402  (benchmarks/unet.py)
 
-from fnf_jax import tiny  # noqa: E402
+from fnf_jax import random_models  # noqa: E402
 from fnf_jax import train_step  # noqa: E402
 from fnf_jax.rewards import registry  # noqa: E402
 
-MODELS = {"tiny": {}, "sd15": dict(unet=tiny.SD15_UNET, vae=tiny.SD15_VAE, text=tiny.SD15_TEXT)}
+MODELS = {"tiny": {}, "sd15": dict(unet=random_models.SD15_UNET, vae=random_models.SD15_VAE,
+                                   text=random_models.SD15_TEXT)}
 
 
 def parse_args(argv=None):
@@ -64,8 +65,8 @@ def main(argv=None):
         f"model {args.model}, batch {args.batch}, {args.steps} DDIM steps, K={args.grad_steps}, "
         f"LoRA r={args.rank}, CFG {args.guidance}, dtype {args.dtype}, attention {args.attention}")
   tic = time.perf_counter()
-  pipe = tiny.random_pipeline(0, attention_impl=args.attention, dtype=args.dtype,
-                              **MODELS[args.model])
+  pipe = random_models.random_pipeline(0, attention_impl=args.attention, dtype=args.dtype,
+                                       **MODELS[args.model])
   frozen = dict(pipe.params)
   if args.dtype == "bfloat16":  # frozen weights stored in bf16, as pipeline.load does
     frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
@@ -83,7 +84,7 @@ def main(argv=None):
   for mode in modes:
     config = config_for(args, mode)
     reward = registry.build(config.reward)
-    step = train_step.Step(pipe, reward, config)
+    step = train_step.build(pipe, reward, config)
     frozen["reward"] = reward.params
     state = step.init_state(key[1], frozen["unet"])
     b = dict(batch)

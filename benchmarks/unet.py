@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fnf_jax import tiny  # noqa: E402
+from fnf_jax import random_models  # noqa: E402
 from fnf_jax.models import convert  # noqa: E402
 from fnf_jax.models import unet  # noqa: E402
 
@@ -116,7 +116,7 @@ def main(argv=None):
     torch_model, state = torch_reference(config_dict)
     params = convert.to_params(state, abstract, where="diffusers (random)")
   else:
-    params = tiny.init_params(abstract, seed=0)
+    params = random_models.init_params(abstract, seed=0)
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"params {n_params / 1e6:.2f} M, built in {time.perf_counter() - start:.1f} s")

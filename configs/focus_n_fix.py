@@ -111,7 +111,8 @@ def color_reward(color) -> ml_collections.ConfigDict:
 
 
 def clip_reward(name: str, weights: str = "") -> ml_collections.ConfigDict:
-  """A CLIP-based reward (q16 | laion_nsfw | laion_aesthetic | clip_score | zero_shot_safety)."""
+  """A CLIP-based reward (q16 | laion_nsfw | laion_aesthetic | clip_score | zero_shot_safety)
+  with every field its code reads (the code has no defaults of its own)."""
   r = ml_collections.ConfigDict()
   r.name = name
   r.clip_path = "/models/clip-vit-large-patch14"  # transformers CLIPModel folder or OpenCLIP file
@@ -123,6 +124,15 @@ def clip_reward(name: str, weights: str = "") -> ml_collections.ConfigDict:
   r.gradcam_layer = -2  # which encoder layer's tokens Grad-CAM explains
   r.gradcam_sigma = 1.0  # Grad-CAM smoothing, in patches
   r.saliency_baseline = 0.0  # gradxinput: (image - baseline) * gradient
+  if name in ("laion_nsfw", "laion_aesthetic"):
+    r.normalize_embedding = True  # both heads were trained on L2-normalised embeddings
+  if name == "clip_score":
+    r.scale = 2.5  # CLIPScore's w: stretches the usual cosine range of ~[0, 0.4] towards [0, 1]
+    r.prompt_encoder = 0  # which text encoder's token ids the CLIP text tower reads (SDXL: 0 | 1)
+    r.prompt_tokenizer = ""  # the pipeline's tokenizer folder, to check it is this CLIP's ("": no)
+  if name == "zero_shot_safety":  # the classes; violence.py sets its own
+    r.safe_prompts = ("a safe, harmless image",)
+    r.unsafe_prompts = ("an unsafe, harmful image",)
   return r
 
 

@@ -37,6 +37,5 @@ def get_config(arg: str | None = None):
   c.prompts.path = "data/i2p_benchmark.csv"
   c.prompts.categories = ("sexual",)
   c.reward = focus_n_fix.clip_reward("laion_nsfw", "/models/laion/nsfw_vit_l14.safetensors")
-  c.reward.normalize_embedding = True  # the detector was trained on L2-normalised embeddings
   c.mask.threshold = 0.85
   return focus_n_fix.variant(c, arg)

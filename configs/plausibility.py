@@ -39,5 +39,4 @@ def get_config(arg: str | None = None):
   c.prompts.categories = ("People", "Animals")  # where hands, faces and bodies go wrong
   # Quality reward with a saliency mask, until an implausibility-heatmap model is available.
   c.reward = focus_n_fix.clip_reward("laion_aesthetic", "/models/laion/aesthetic_vit_l14.safetensors")
-  c.reward.normalize_embedding = True
   return focus_n_fix.variant(c, arg)

@@ -10,11 +10,11 @@ blotch on about 30% of its shapes. The reward is `toy_defect`, a small learned l
   2. fine-tunes a LoRA with Focus-N-Fix (this file's objective) and one with global DRaFT
      (the `draft` overrides below: M ≡ 1, β = 0) from the same start, examples and seeds,
   3. samples base, DRaFT and Focus-N-Fix on held-out seeds of every prompt, and scores them with
-     the analytic judge (fnf_jax/toy/judge.py, never seen in training) and the change against Î0
-     inside and outside M,
+     the analytic judge (the toy package's judge.py, never seen in training) and the change
+     against Î0 inside and outside M,
   4. writes WORKDIR/report/index.html (table, grid, curves) and WORKDIR/report/metrics.json, and
      prints the table.
-`:test` is the reduced budget of the claim test in tests/test_demo.py.
+`:runlocal` is the reduced budget of the claim test in tests/test_demo.py (about 4 minutes).
 """
 
 import os
@@ -86,10 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.seed_offset = 1_000_000  # eval seeds start here; training seeds are seed + 0..95
   c.eval.grid_rows = 8  # examples shown in the report's grid (base-defective ones first)
 
-  if arg == "test":
+  if arg == "runlocal":
     c.data.seeds_per_prompt = 8
     c.train.num_steps = 40
     c.eval.seeds_per_prompt = 8
   elif arg is not None:
-    raise ValueError(f"unknown config argument {arg!r}; valid: 'test' (or none)")
+    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal' (or none)")
   return c

@@ -12,7 +12,7 @@ weights are copies of those:
     cp /tmp/toy_pretrain/toy_defect.safetensors fnf_jax/assets/
 
 On a 2-core CPU: VAE 11 min, reward 6 min, UNet 42 min (BENCHMARKS.md). A stopped run picks up
-from WORKDIR; `:smoke` is the few-step variant the tests run.
+from WORKDIR; `:runlocal` is the few-step variant the tests run.
 """
 
 import ml_collections
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.num_steps = 20
   c.eval.guidance_scale = 3.0
 
-  if arg == "smoke":  # a few steps of everything, for tests
+  if arg == "runlocal":  # a few steps of everything, for tests
     c.log_every = c.save_every = c.export_every = 2
     c.vae.steps = c.unet.steps = c.reward.steps = 3
     c.vae.min_defect_recall = 0.0
@@ -70,5 +70,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae.warmup_steps = c.unet.warmup_steps = c.reward.warmup_steps = 1
     c.eval.seeds, c.eval.batch_size, c.eval.num_steps = 1, 12, 2
   elif arg is not None:
-    raise ValueError(f"unknown variant {arg!r}; valid: smoke (or none)")
+    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal' (or none)")
   return c

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fnf_jax.models import convert
+
 _ITEMS = ("state", "meta", "prng")
 
 
@@ -240,18 +242,6 @@ def install_preemption_handler(signum: int = signal.SIGTERM) -> PreemptionHandle
 
 # --- LoRA export for diffusers ----------------------------------------------------------------
 
-# Diffusers attributes whose own names end in _<digit> (TimestepEmbedding); every other
-# `name_<i>` in our Flax paths is a torch ModuleList / Sequential index: `name.<i>`.
-_LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
-
-
-def _torch_name(part: str) -> str:
-  head, sep, tail = part.rpartition("_")
-  if sep and head and tail.isdigit() and part not in _LITERAL_NAMES:
-    return f"{head}.{tail}"
-  return part
-
-
 def _host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -265,7 +255,8 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
 
   Keys: `unet.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] (torch layout:
   our `lora_a` [in, r] and `lora_b` [r, out] transposed), with Flax names mapped back to torch
-  module paths (`down_blocks_0` -> `down_blocks.0`, `to_out_0` -> `to_out.0`).
+  module paths by `convert.torch_key` (`down_blocks_0` -> `down_blocks.0`, `to_out_0` ->
+  `to_out.0`), the rule of the diffusers folder export too.
 
   The update is W + (alpha / rank) · B·A. The file's metadata holds `alpha` and `rank`, and the
   `lora_adapter_metadata` JSON ({"unet.r", "unet.lora_alpha", "unet.target_modules"}) that
@@ -298,7 +289,7 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
       if a.ndim != 2 or b.ndim != 2 or a.shape[1] != rank or b.shape[0] != rank:
         raise ValueError(f"LoRA layer {where}: lora_a {a.shape} / lora_b {b.shape} are not "
                          f"[in, {rank}] / [{rank}, out] for rank={rank}")
-      module = ".".join(_torch_name(n) for n in names)
+      module = convert.torch_key(names)
       modules.append(module)
       tensors[f"unet.{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
       tensors[f"unet.{module}.lora_B.weight"] = np.ascontiguousarray(b.T)

@@ -1,10 +1,10 @@
 """Entry point for every job: `python -m fnf_jax.main --config=configs/<x>.py --workdir=DIR`.
 
-The config's `job` field names what runs (sample, cache, train, ...). Nothing but this file
-reads flags.
+The config's `job` field names what runs (fnf_jax/jobs.py: sample, cache, train, and the jobs of
+plugins such as the toy world's). The config is validated first (fnf_jax/validate.py), before
+anything heavy is imported. Nothing but this file reads flags.
 """
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -14,19 +14,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fnf_jax import jobs
+from fnf_jax import validate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration (a configs/*.py file).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
-
-# job name -> "module:function" taking (config, workdir); imported lazily so that a sample job
-# does not pay for the training stack's imports.
-JOBS = {
-    "sample": "fnf_jax.sample:run",
-    "cache": "fnf_jax.train:cache",
-    "train": "fnf_jax.train:train",
-    "pretrain": "fnf_jax.toy.pretrain:run",
-    "demo": "fnf_jax.toy.demo:run",
-}
 
 
 class _QuietLibraries:
@@ -40,10 +33,9 @@ class _QuietLibraries:
 
 
 def run_job(config, workdir: str):
-  if config.job not in JOBS:
-    raise ValueError(f"config.job = {config.job!r} is not one of {sorted(JOBS)}")
-  module, fn = JOBS[config.job].split(":")
-  return getattr(importlib.import_module(module), fn)(config, workdir)
+  """Validates `config`, then runs its job (the job's module is imported only now)."""
+  validate.validate(config)
+  return jobs.resolve(jobs.get(config.job).run)(config, workdir)
 
 
 def unknown_override(config, argv: list[str]) -> str | None:
@@ -95,7 +87,11 @@ def main(argv):
     raise app.UsageError("--workdir is required (where outputs, checkpoints and logs go)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("job %s, workdir %s", _CONFIG.value.job, _WORKDIR.value)
-  run_job(_CONFIG.value, _WORKDIR.value)
+  try:
+    run_job(_CONFIG.value, _WORKDIR.value)
+  except validate.ConfigError as e:  # a bad value: its message is the whole story
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

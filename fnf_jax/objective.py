@@ -8,8 +8,10 @@ We minimise loss = −J. DRaFT is the same code with M ≡ 1 and β = γ = 0.
 import jax
 import jax.numpy as jnp
 
-REWARD_REGIONS = ("full", "mask")
-CONSTRAINT_NORMS = ("fro", "fro_squared", "mean_squared")
+from fnf_jax import choices
+
+REWARD_REGIONS = choices.REWARD_REGIONS
+CONSTRAINT_NORMS = choices.CONSTRAINT_NORMS
 
 
 def reward_input(images: jax.Array, mask: jax.Array, region: str) -> jax.Array:

@@ -204,7 +204,12 @@ def _require(path: str, what: str) -> str:
 
 
 def load(path: str, *, dtype: str = "float32", attention_impl: str = "xla") -> Pipeline:
-  """Loads a diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder (safetensors only)."""
+  """Loads a diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder (safetensors only).
+
+  `dtype` ("float32" | "bfloat16") is the compute dtype of every module; with bfloat16 the
+  UNet's and the VAE's parameters are also stored in it (half the memory), while the text
+  encoders' stay float32 (they run once per prompt).
+  """
   with open(_require(os.path.join(path, "model_index.json"), "model_index.json")) as f:
     index = json.load(f)
   cls = index.get("_class_name", "")

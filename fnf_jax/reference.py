@@ -122,9 +122,9 @@ class Cache:
     return np.stack(refs).astype(np.float32), np.stack(masks).astype(np.float32)
 
 
-def compute_fn(step, frozen, pipe, config):
-  """examples -> (Î0, M) with the frozen model, jitted once."""
-  reference = jax.jit(step.reference)
+def compute_fn(reference, frozen, pipe, config):
+  """examples -> (Î0, M) with the frozen model; `reference` is the run's jitted
+  `step.reference` (fnf_jax.train.Run.reference_fn)."""
 
   def compute(chunk):
     batch = examples_lib.host_batch(pipe, chunk, negative_prompt=config.sampling.negative_prompt,

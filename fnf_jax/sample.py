@@ -19,9 +19,7 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 def run(config, workdir: str) -> list[dict]:
-  if not config.model.path:
-    raise ValueError("config.model.path is empty: pass a diffusers-format Stable Diffusion "
-                     "folder with --config.model.path=/path/to/model")
+  """The job (its config validated by fnf_jax.validate.sample_job)."""
   pipe = pipeline.load(config.model.path, dtype=config.model.dtype,
                        attention_impl=config.model.attention)
   prompts, _ = prompts_lib.load(config.prompts, split=config.prompts.split)

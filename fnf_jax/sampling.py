@@ -15,19 +15,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fnf_jax import choices
 from fnf_jax import schedulers
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 AuxFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
-REMAT_POLICIES = {
-    # Keep nothing but the step's inputs; recompute the UNet on the backward pass (least memory).
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    # Keep matmul outputs without batch dimensions (weights-side), recompute the rest.
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Keep every matmul output: fastest backward, most memory.
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-}
+# What the backward pass of a gradient step keeps (see choices.REMAT_POLICIES).
+REMAT_POLICIES = {name: getattr(jax.checkpoint_policies, name) for name in choices.REMAT_POLICIES}
 
 
 def guided(model: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], cond: jax.Array,

@@ -4,6 +4,11 @@ Parameters and activations carry logical axis names (`fnf_jax.models.layers`); a
 them onto mesh axes. With the default rules a mesh {"data": D, "fsdp": F} shards the batch over
 all D·F devices and every large parameter dimension over the F devices of the fsdp axis, so pure
 data parallelism (F = 1) and FSDP (D = 1) are one config change apart.
+
+`logical_to_spec` is the one translation from logical names to a PartitionSpec, for parameters
+and batch arrays alike (activations inside the modules go through flax's
+`nn.with_logical_constraint` under the same rules). A large parameter that no mesh axis can
+split is replicated on every device; `logical_shardings` says so in a warning.
 """
 
 import math
@@ -86,27 +91,50 @@ def logical_to_spec(names: Sequence[str | None] | None, rules) -> P:
   return P(*out)
 
 
+# Parameters with more elements than this that stay replicated on a mesh of several devices are
+# named in a warning (1 Mi elements: 4 MiB in float32; SD1.5's largest kernels have 13 Mi).
+REPLICATED_WARNING_SIZE = 2**20
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """NamedShardings for a tree whose leaves may be boxed with logical names (eval_shape of init).
 
-  Unboxed leaves, and dimensions a mesh axis does not divide, are replicated.
+  Unboxed leaves, and dimensions a mesh axis does not divide, are replicated; a leaf above
+  REPLICATED_WARNING_SIZE elements that ends up replicated while the rules shard parameters over
+  a mesh axis of size > 1 is named in a warning (every device then holds all of it).
   """
-  def one(leaf):
+  unsplit = []
+  # Mesh axes of size > 1 that the rules use for parameters: with none (pure data parallelism)
+  # every parameter is replicated by design.
+  param_axes = {a for name, axes in rules if name != "batch" and axes is not None
+                for a in (axes if isinstance(axes, tuple) else (axes,)) if mesh.shape[a] > 1}
+
+  def one(path, leaf):
     names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else None
     shape = np.shape(nn.meta.unbox(leaf))
-    return NamedSharding(mesh, _fit(logical_to_spec(names, rules), shape, mesh))
+    spec = _fit(logical_to_spec(names, rules), shape, mesh)
+    if param_axes and math.prod(shape) > REPLICATED_WARNING_SIZE and not any(spec):
+      unsplit.append((jax.tree_util.keystr(path), shape, names))
+    return NamedSharding(mesh, spec)
 
-  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  out = jax.tree_util.tree_map_with_path(
+      one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  for path, shape, names in unsplit:
+    logging.warning("parameter %s %s (logical axes %s) is replicated on all %d devices of mesh "
+                    "%s: no rule maps its axes to a mesh axis that divides them", path, shape,
+                    names, mesh.size, dict(mesh.shape))
+  return out
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
-  """Sharding of an array whose leading dimension is the global batch."""
-  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
-  return NamedSharding(mesh, spec)
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, axis: int = 0) -> NamedSharding:
+  """Sharding of an array whose dimension `axis` is the global batch."""
+  names = [None] * ndim
+  names[axis] = "batch"
+  return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
 def put(tree: Any, shardings: Any) -> Any:

@@ -1,7 +1,8 @@
 """The training loop: mesh -> load -> reference -> state -> compiled step -> restore -> loop.
 
 Jobs (chosen by config.job): `train` runs the loop; `cache` computes the reference (Î0, M) of
-every training example once (see fnf_jax/reference.py).
+every training example once (see fnf_jax/reference.py). `setup` is the one place a run's pieces
+are built (the step's functions, jitted once): both jobs and the toy demo take a `Run` from it.
 """
 
 import dataclasses
@@ -12,25 +13,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fnf_jax import checkpoint
 from fnf_jax import metrics as metrics_lib
 from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import reference as reference_lib
+from fnf_jax import random_models
 from fnf_jax import sharding
-from fnf_jax import tiny
 from fnf_jax import train_step
+from fnf_jax import validate
 from fnf_jax.data import examples as examples_lib
 from fnf_jax.data import prompts as prompts_lib
 from fnf_jax.rewards import registry
-
-MODEL_HELP = (
-    "config.model.path is empty. Pass a diffusers-format Stable Diffusion folder (safetensors) "
-    "with --config.model.path=/models/stable-diffusion-v1-4: download it once on a machine with "
-    "network access, e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
-    "/models/stable-diffusion-v1-4` (accept the licence first), and copy it to the VM or bucket. "
-    "For a wiring check without weights use the config's `:runlocal` variant.")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,6 +43,9 @@ class Run:
   frozen: dict
   frozen_shardings: dict
   examples: list
+  # step.reference / step.eval_images jitted once for the run (cache job, panels, evaluation).
+  reference_fn: object = None
+  eval_images_fn: object = None
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -60,7 +57,7 @@ def maybe_initialize_distributed(config) -> None:
 
 def load_pipeline(config) -> pipeline_lib.Pipeline:
   if config.model.path == "tiny":
-    return tiny.random_pipeline(config.seed, attention_impl=config.model.attention)
+    return random_models.random_pipeline(config.seed, attention_impl=config.model.attention)
   return pipeline_lib.load(config.model.path, dtype=config.model.dtype,
                            attention_impl=config.model.attention)
 
@@ -73,50 +70,53 @@ def training_examples(config, pipe, split: str = "train") -> list:
   return examples_lib.make_examples(prompts, config.data.seeds_per_prompt, config.seed)
 
 
-def validate(config, mesh) -> None:
-  """Checks that need no model, before anything is loaded or compiled."""
-  batch, accum = config.data.batch_size, config.optim.grad_accum
-  if batch % mesh.size:
-    raise ValueError(f"data.batch_size {batch} must be divisible by the mesh size {mesh.size} "
-                     f"({dict(mesh.shape)}) so that each device gets whole examples")
-  if accum < 1:
-    raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
-  if config.train.grad_steps > config.sampling.num_steps:
-    raise ValueError(f"train.grad_steps (K={config.train.grad_steps}) exceeds "
-                     f"sampling.num_steps ({config.sampling.num_steps})")
+# What the loaded weights depend on: a Run of another config may share them when these agree.
+SHARED_WEIGHTS = ("model", "reward", "mesh", "sharding_rules", "distributed")
 
 
-def setup(config) -> Run:
-  if not config.model.path:
-    raise ValueError(MODEL_HELP)  # before anything slow: the most common first-run mistake
-  maybe_initialize_distributed(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  validate(config, mesh)
-  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                for k, v in config.sharding_rules)
-  pipe = load_pipeline(config)
-  reward = registry.build(config.reward)
-  step = train_step.Step(pipe, reward, config)
-  abstract = pipe.abstract_params()
-  frozen_shardings = {name: sharding.logical_shardings(abstract[name], mesh, rules)
-                      for name in abstract}
-  frozen_shardings["reward"] = jax.tree.map(lambda _: sharding.replicated(mesh), reward.params)
-  frozen = sharding.put({**pipe.params, "reward": reward.params}, frozen_shardings)
+def setup(config, base: Run | None = None) -> Run:
+  """The run of a validated `config` (fnf_jax.validate): mesh, models, reward, examples, step.
+
+  `base`: a Run whose config agrees on SHARED_WEIGHTS; its mesh, pipeline, reward and placed
+  weights are reused, and only this config's step and examples are built (the demo's DRaFT and
+  Focus-N-Fix runs load the model once).
+  """
+  if base is None:
+    maybe_initialize_distributed(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    validate.check_batch(config, mesh.size)
+    rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                  for k, v in config.sharding_rules)
+    pipe = load_pipeline(config)
+    reward = registry.build(config.reward)
+    abstract = pipe.abstract_params()
+    frozen_shardings = {name: sharding.logical_shardings(abstract[name], mesh, rules)
+                        for name in abstract}
+    frozen_shardings["reward"] = jax.tree.map(lambda _: sharding.replicated(mesh), reward.params)
+    frozen = sharding.put({**pipe.params, "reward": reward.params}, frozen_shardings)
+  else:
+    differ = [k for k in SHARED_WEIGHTS if _json(config[k]) != _json(base.config[k])]
+    if differ:
+      raise ValueError(f"setup(config, base=...): config.{differ[0]} differs from the base run's;"
+                       f" a run shares the loaded weights only when {SHARED_WEIGHTS} agree")
+    mesh, rules, pipe, reward = base.mesh, base.rules, base.pipe, base.reward
+    frozen, frozen_shardings = base.frozen, base.frozen_shardings
+  step = train_step.build(pipe, reward, config)
   return Run(config=config, pipe=pipe, reward=reward, step=step, mesh=mesh, rules=rules,
              frozen=frozen, frozen_shardings=frozen_shardings,
-             examples=training_examples(config, pipe))
+             examples=training_examples(config, pipe),
+             reference_fn=jax.jit(step.reference), eval_images_fn=jax.jit(step.eval_images))
+
+
+def _json(value) -> str:
+  return value.to_json() if hasattr(value, "to_json") else repr(value)
 
 
 def batch_shardings(batch: dict, mesh, rules) -> dict:
   """Leading batch axis sharded; token ids [E, B, 77] and noise [S, B, ...] on their axis 1."""
-  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-
-  def one(name, x):
-    spec = [None] * np.ndim(x)
-    spec[1 if name in ("ids", "neg_ids", "noise") else 0] = axes
-    return NamedSharding(mesh, P(*spec))
-
-  return {k: one(k, v) for k, v in batch.items()}
+  return {k: sharding.batch_sharding(mesh, np.ndim(v), rules,
+                                     axis=1 if k in ("ids", "neg_ids", "noise") else 0)
+          for k, v in batch.items()}
 
 
 def to_global(batch: dict, shardings: dict) -> dict:
@@ -128,10 +128,10 @@ def to_global(batch: dict, shardings: dict) -> dict:
 # ------------------------------------------------------------------------------------- cache
 
 
-def cache(config, workdir: str) -> str:
+def cache(config, workdir: str, run: Run | None = None) -> str:
   """The `cache` job: writes the reference of every training example to WORKDIR/reference."""
-  run = setup(config)
-  compute = reference_lib.compute_fn(run.step, run.frozen, run.pipe, config)
+  run = run or setup(config)
+  compute = reference_lib.compute_fn(run.reference_fn, run.frozen, run.pipe, config)
   return reference_lib.write(workdir, config, run.examples, compute,
                              shard_size=config.cache.shard_size,
                              batch_size=config.data.batch_size, dtype=config.cache.dtype)
@@ -178,10 +178,13 @@ def train(config, workdir: str) -> dict:
   return fit(config, workdir)[0]
 
 
-def fit(config, workdir: str) -> tuple[dict, dict]:
-  """Trains (or resumes) the run in `workdir`: (last logged metrics, final LoRA params on host)."""
+def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
+  """Trains (or resumes) the run in `workdir`: (last logged metrics, final LoRA params on host).
+
+  `run`: the Run of `config` from `setup`, when the caller has one.
+  """
   os.makedirs(workdir, exist_ok=True)
-  run = setup(config)
+  run = run or setup(config)
   metrics_lib.write_config(workdir, config)
   t, mesh = config.train, run.mesh
   cached = (reference_lib.Cache(workdir, config, run.examples)
@@ -231,9 +234,7 @@ def fit(config, workdir: str) -> tuple[dict, dict]:
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
     stop = checkpoint.install_preemption_handler()
-    # Jitted once here: a jax.jit inside the loop would compile again at every panel.
-    panel_fns = ((jax.jit(run.step.reference), jax.jit(run.step.eval_images))
-                 if config.log.image_every else None)
+    panel_fns = (run.reference_fn, run.eval_images_fn) if config.log.image_every else None
     last, tic, done = {}, time.perf_counter(), 0
     try:
       for step in range(start, t.num_steps):

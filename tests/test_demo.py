@@ -1,6 +1,6 @@
 """The paper's claim on the toy world, end to end: `make demo`'s command at a reduced budget.
 
-Runs `python -m fnf_jax.main --config=configs/toy.py:test` in a subprocess (one CPU device, XLA's
+Runs `python -m fnf_jax.main --config=configs/toy.py:runlocal` in a subprocess (one CPU device, XLA's
 default optimisation, as `make demo` runs) on the shipped toy model and reward, then checks what
 the judge says. Seeds are fixed, so the numbers are the same on every run of this machine type.
 """
@@ -23,7 +23,7 @@ def metrics(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("demo")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
-      [sys.executable, "-m", "fnf_jax.main", "--config=configs/toy.py:test",
+      [sys.executable, "-m", "fnf_jax.main", "--config=configs/toy.py:runlocal",
        f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "| Focus-N-Fix" in proc.stdout  # the summary table is printed

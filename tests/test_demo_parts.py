@@ -12,13 +12,13 @@ import pytest
 
 from fnf_jax import main as main_lib
 from fnf_jax import pipeline
-from fnf_jax.data import toy_world
 from fnf_jax.rewards import registry
-from fnf_jax.rewards import toy_defect
-from fnf_jax.toy import demo
 from fnf_jax.toy import evaluate
 from fnf_jax.toy import judge
+from fnf_jax.toy import methods
 from fnf_jax.toy import report
+from fnf_jax.toy import reward as toy_defect
+from fnf_jax.toy import world as toy_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -113,7 +113,7 @@ def test_toy_defect_reward_interface_and_errors(tmp_path):
 
 def test_draft_config_is_fnf_with_ones_mask():
   c = toy_config.get_config()
-  fnf, draft = demo.method_config(c, "fnf"), demo.method_config(c, "draft")
+  fnf, draft = methods.method_config(c, "fnf"), methods.method_config(c, "draft")
   assert fnf.objective.mask == "heatmap" and fnf.objective.beta > 0
   assert draft.objective.mask == "ones" and draft.objective.beta == 0.0
   assert draft.objective.reward_region == "full"
@@ -121,13 +121,13 @@ def test_draft_config_is_fnf_with_ones_mask():
     assert draft[key].to_dict() == fnf[key].to_dict(), key
   c.draft.objective.nonsense = 1.0
   with pytest.raises(KeyError, match="draft.objective.nonsense"):
-    demo.method_config(c, "draft")
+    methods.method_config(c, "draft")
 
 
 def test_pretrain_job_runs_every_stage(tmp_path):
-  """`python -m fnf_jax.main --config=configs/toy_pretrain.py:smoke`: a few steps of each stage
+  """`python -m fnf_jax.main --config=configs/toy_pretrain.py:runlocal`: a few steps of each stage
   give a folder that pipeline.load reads, reward weights, and the judge's sample report."""
-  config = toy_pretrain.get_config("smoke")
+  config = toy_pretrain.get_config("runlocal")
   main_lib.run_job(config, str(tmp_path))
   pipe = pipeline.load(str(tmp_path / "pipeline"))
   assert pipe.image_size == 32 and pipe.latent_shape == (16, 16, 4)

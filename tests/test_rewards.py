@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
 import convert_laion_heads  # noqa: E402  pylint: disable=g-import-not-at-top
 import convert_q16  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from configs import focus_n_fix  # noqa: E402  pylint: disable=g-import-not-at-top
+
 DIM = 24  # the tiny CLIP's projection width
 NEW = ("q16", "laion_nsfw", "laion_aesthetic", "clip_score", "zero_shot_safety")
 
@@ -72,7 +74,11 @@ def embeds(tiny, images):
 
 
 def config(name, folder, **fields) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name=name, clip_path=folder, **fields))
+  """The configs' reward block for `name` (every field its code reads) on the tiny CLIP, in
+  float32 without remat: the comparisons below are against float32 references."""
+  c = focus_n_fix.clip_reward(name)
+  c.update(dict(clip_path=folder, dtype="float32", remat=False, **fields))
+  return c
 
 
 def test_registry_lists_new_rewards():

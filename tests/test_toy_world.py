@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from fnf_jax import pipeline
-from fnf_jax.data import toy_world
 from fnf_jax.models import clip
 from fnf_jax.models import clip_tokenizer
 from fnf_jax.models import convert
 from fnf_jax.models import unet as unet_lib
 from fnf_jax.models import vae as vae_lib
-from fnf_jax.toy import export
+from fnf_jax.models import export
 from fnf_jax.toy import judge
 from fnf_jax.toy import models
+from fnf_jax.toy import world as toy_world
 
-N = 512  # TOYWORLD: rates on >= 256 samples are good to about +-3% at 30%
+N = 512  # rates on >= 256 samples are good to about +-3% at 30%
 PROMPTS = ["a red circle", "a blue triangle"]
 
 
@@ -139,6 +139,17 @@ def test_tokenizer_one_token_per_word(tokenizer_dir):
   ids = tok(["a red circle"])[0]
   assert ids.shape == (models.MAX_TOKENS,) and ids[0] == cfg["bos_token_id"] and ids[4] == cfg["eos_token_id"]
   assert tok.vocab_size == cfg["vocab_size"] and tok.pad_token_id == cfg["pad_token_id"]
+
+
+def test_tokenizer_writer_reproduces_the_shipped_vocabulary(tokenizer_dir):
+  """The one small-tokenizer writer (models/clip_vocab.py) spells the toy words exactly as the
+  tokenizer shipped with the toy model: same vocab.json and merges.txt, byte for byte."""
+  shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fnf_jax",
+                         "assets", "toy_pipeline", "tokenizer")
+  for name in ("vocab.json", "merges.txt"):
+    with open(os.path.join(shipped, name), "rb") as a, open(os.path.join(tokenizer_dir, name),
+                                                             "rb") as b:
+      assert a.read() == b.read(), name
 
 
 def test_configs_parse_and_sizes():

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 
 from configs import violence
-from fnf_jax import tiny
+from fnf_jax import optimizer
+from fnf_jax import random_models
 from fnf_jax import train_step
 from fnf_jax.data import examples
 from fnf_jax.rewards import registry
@@ -19,9 +20,9 @@ def test_lv_with_latent_term_gives_finite_lora_gradients():
   c.train.gradient = "lv"
   c.train.lv_copies = 2
   c.objective.gamma = 1.0
-  pipe = tiny.random_pipeline(0)
+  pipe = random_models.random_pipeline(0)
   reward = registry.build(c.reward)
-  step = train_step.Step(pipe, reward, c)
+  step = train_step.build(pipe, reward, c)
   frozen = {**pipe.params, "reward": reward.params}
   chunk = examples.make_examples(["a red circle", "a blue square"], 1, 0)
   batch = examples.host_batch(pipe, chunk, negative_prompt="", num_steps=2, eta=0.0)
@@ -48,8 +49,8 @@ def test_gradient_accumulation_averages_micro_steps():
   cfg = ml_collections.ConfigDict(dict(lr=0.1, schedule="constant", warmup_steps=0,
                                        decay_steps=1, b1=0.9, b2=0.999, weight_decay=0.0,
                                        grad_clip=1e9, grad_accum=2))
-  tx = train_step.optimizer(cfg)
-  single = train_step.optimizer(ml_collections.ConfigDict({**cfg.to_dict(), "grad_accum": 1}))
+  tx = optimizer.optimizer(cfg)
+  single = optimizer.optimizer(ml_collections.ConfigDict({**cfg.to_dict(), "grad_accum": 1}))
   params = {"w": jnp.ones(3)}
   g1, g2 = {"w": jnp.asarray([1.0, 0.0, 2.0])}, {"w": jnp.asarray([3.0, 2.0, 0.0])}
   state = tx.init(params)
@@ -59,4 +60,4 @@ def test_gradient_accumulation_averages_micro_steps():
   mean = {"w": (g1["w"] + g2["w"]) / 2}
   expected, _ = single.update(mean, single.init(params), params)
   np.testing.assert_allclose(u2["w"], expected["w"], rtol=1e-6)
-  np.testing.assert_allclose(train_step.learning_rate(cfg, state, jnp.asarray(5)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(optimizer.learning_rate(cfg, state, jnp.asarray(5)), 0.1, rtol=1e-6)

@@ -1,1 +1,1 @@
-"""Prompt sources and the toy world's procedural data."""
+"""Prompt sources and the training examples (prompt, seed) built from them."""

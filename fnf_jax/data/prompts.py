@@ -18,8 +18,10 @@ from typing import Callable
 
 from absl import logging
 
-SOURCES = ("list", "text", "parti", "i2p")
-SPLITS = ("train", "eval", "all")
+from fnf_jax import choices
+
+SOURCES = choices.PROMPT_SOURCES
+SPLITS = choices.PROMPT_SPLITS
 
 
 @dataclasses.dataclass

@@ -120,8 +120,9 @@ def _special_tokens(folder: str) -> tuple[dict[str, AddedToken], int]:
   return tokens, max_length
 
 
-def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]],
-                   unk_token: str) -> Tokenizer:
+def build_backend(vocab: dict[str, int], merges: list[tuple[str, str]],
+                  unk_token: str) -> Tokenizer:
+  """CLIP's normalizer, pre-tokenizer and BPE model around a vocabulary (no special tokens)."""
   tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                       end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token))
   tok.normalizer = normalizers.Sequence(
@@ -174,7 +175,7 @@ def load(folder: str) -> ClipTokenizer:
         f"or {VOCAB_JSON!r} + {MERGES_TXT!r} (and {TOKENIZER_CONFIG!r}).")
   vocab, merges, source = _vocab_and_merges(folder)
   specials, max_length = _special_tokens(folder)
-  backend = _build_backend(vocab, merges, specials["unk_token"].content)
+  backend = build_backend(vocab, merges, specials["unk_token"].content)
   # First occurrence wins: eos and pad are often the same string with different flags.
   seen = {}
   for token in specials.values():

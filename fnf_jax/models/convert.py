@@ -26,6 +26,11 @@ import flax.linen as nn
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 _INDEX_RE = re.compile(r"\.(\d+)(?=\.|$)")
+_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
+# Module names that end in _<digit> but are not list entries (diffusers' TimestepEmbedding).
+# `flax_path` sends `linear.1` and `linear_1` to the same Flax name; only this list tells them
+# apart on the way back (diffusers' loading of our exports, tested, guards it).
+GENUINE_NAMES = ("linear_1", "linear_2")
 
 
 class CheckpointError(ValueError):
@@ -96,6 +101,16 @@ def read_component(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
 def flax_path(torch_key: str) -> tuple[str, ...]:
   """'a.b.0.c.weight' -> ('a', 'b_0', 'c', 'weight'); the leaf is renamed by `_to_flax_leaf`."""
   return tuple(_INDEX_RE.sub(r"_\1", torch_key).split("."))
+
+
+def torch_key(path: Iterable[str]) -> str:
+  """('down_blocks_0', 'attentions_1', 'to_out_0') -> 'down_blocks.0.attentions.1.to_out.0'.
+
+  The inverse of `flax_path` on module paths: a segment `name_N` is a torch ModuleList /
+  Sequential entry `name.N`, except GENUINE_NAMES. Used by every Flax -> PyTorch export (the
+  diffusers folder writer and the LoRA file).
+  """
+  return ".".join(p if p in GENUINE_NAMES else _LIST_ENTRY.sub(r"\1.\2", p) for p in path)
 
 
 def _candidates(path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:

@@ -1,8 +1,11 @@
 """Building blocks shared by every model family: layers with logical axis names and attention.
 
 Every parameter carries logical axis names (see `fnf_jax.sharding` for the rules that map them
-onto a mesh), so that switching between data parallelism and FSDP is a config change. Modules
-keep parameters in float32 and compute in `dtype`; normalisation statistics are always float32.
+onto a mesh), so that switching between data parallelism and FSDP is a config change. The layers
+below create their parameters in float32 at init and compute in `dtype` (params of another dtype
+are cast to it); normalisation statistics are always float32. Loaded params' dtype is the
+loader's choice: `unet.load` float32 or bfloat16 (its `dtype`), `vae.load` float32 or its
+half-precision `dtype`, the CLIP loaders always float32.
 
 Submodules are named after the diffusers / transformers PyTorch modules they mirror, with list
 indices joined by an underscore (`down_blocks.0.attentions.1` -> `down_blocks_0/attentions_1`),
@@ -60,27 +63,21 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: int |
   )
 
 
-def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
-  return nn.GroupNorm(
-      num_groups=num_groups,
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)),
-      name=name,
-  )
+def _norm_params() -> dict:
+  """float32 scale (ones) and bias (zeros) of a normalisation layer, with logical names."""
+  return dict(param_dtype=jnp.float32,
+              scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)))
+
+
+def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype,
+               name: str | None = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, name=name,
+                      **_norm_params())
 
 
 def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)),
-      name=name,
-  )
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name, **_norm_params())
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",

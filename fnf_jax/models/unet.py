@@ -3,7 +3,8 @@
 Reproduces diffusers' PyTorch `UNet2DConditionModel` number for number (float32) and loads its
 `unet/` folders directly: `module, params = load("path/to/unet")`, then
 `module.apply({"params": params}, sample, timesteps, encoder_hidden_states, added_cond)`.
-The blocks live in `fnf_jax.models.unet_blocks`.
+The blocks live in `fnf_jax.models.unet_blocks` (the resnets and resamplers, shared with the
+VAE, in `fnf_jax.models.blocks`).
 """
 
 import dataclasses
@@ -193,8 +194,9 @@ class UNetConfig:
 class UNet2DConditionModel(nn.Module):
   """diffusers' UNet2DConditionModel: sample [B, h, w, C] -> prediction [B, h, w, out_channels].
 
-  Parameters stay float32; `dtype` is the compute dtype. The timestep (and SDXL's added
-  condition) embedding is computed in float32: it is tiny and feeds every resnet.
+  init creates float32 params (`load(dtype="bfloat16")` returns bfloat16 ones); `dtype` is the
+  compute dtype. The timestep (and SDXL's added condition) embedding is computed in float32: it
+  is tiny and feeds every resnet.
   """
   config: UNetConfig
   dtype: layers.Dtype = jnp.float32

@@ -4,6 +4,7 @@ Each module and submodule carries the name of the diffusers PyTorch module it mi
 (`resnets_0/conv1`, `attentions_1/transformer_blocks_0/attn2/to_out_0`, `ff/net_0/proj`, ...) so
 that `fnf_jax.models.convert.to_params` maps checkpoints without a per-layer table. Only the
 variants Stable Diffusion 1.x / 2.x / XL use are implemented; `UNetConfig` rejects the others.
+The resnet and resampling blocks are shared with the VAE (`fnf_jax.models.blocks`).
 """
 
 import math
@@ -12,9 +13,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fnf_jax.models import layers
+from fnf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from fnf_jax.models.layers import EMBED, MLP
 
 Dtype = layers.Dtype
@@ -61,63 +62,6 @@ class TimestepEmbedding(nn.Module):
     x = activation(self.act_fn)(x)
     x = layers.dense(self.features, (EMBED, EMBED), dtype=self.dtype, name="linear_2")(x)
     return activation(self.post_act_fn)(x)
-
-
-class ResnetBlock2D(nn.Module):
-  """GroupNorm-SiLU-conv twice, the time embedding added in between ("default" shift)."""
-  out_channels: int
-  groups: int
-  eps: float
-  output_scale_factor: float = 1.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, temb):
-    h = nn.silu(layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
-    h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
-    t = layers.dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-    h = h + t[:, None, None, :]
-    h = nn.silu(layers.group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
-    h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = layers.conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
-    out = x + h
-    return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
-
-
-class Downsample2D(nn.Module):
-  """Stride-2 3x3 conv; padding 0 means PyTorch's asymmetric (0, 1) pad, as in diffusers."""
-  out_channels: int
-  padding: int = 1
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    if self.padding == 0:
-      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return layers.conv(self.out_channels, 3, stride=2, padding=self.padding, dtype=self.dtype,
-                       name="conv")(x)
-
-
-def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """PyTorch's F.interpolate(mode="nearest") on NHWC: source index floor(dst * in / out)."""
-  h, w = x.shape[1:3]
-  if tuple(size) == (2 * h, 2 * w):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  rows = np.minimum(np.floor(np.arange(size[0]) * np.float32(h / size[0])).astype(int), h - 1)
-  cols = np.minimum(np.floor(np.arange(size[1]) * np.float32(w / size[1])).astype(int), w - 1)
-  return x[:, rows][:, :, cols]
-
-
-class Upsample2D(nn.Module):
-  """Nearest 2x (or to the skip connection's size when the latent is not a multiple) + conv."""
-  out_channels: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, size: tuple[int, int] | None = None):
-    x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
-    return layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv")(x)
 
 
 class Attention(nn.Module):

@@ -2,7 +2,8 @@
 
 Submodules carry the names of diffusers' modules (`encoder/down_blocks_0/resnets_1/conv1`,
 `decoder/mid_block/attentions_0/to_q`, ...), so `fnf_jax.models.convert.to_params` maps a
-diffusers `vae/` folder onto this module without a per-layer table.
+diffusers `vae/` folder onto this module without a per-layer table. The resnets and resamplers
+are the UNet's (`fnf_jax.models.blocks`), without a time embedding.
 
 Latent scaling. The UNet works on scaled latents; the VAE itself does not scale:
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from fnf_jax.models import convert
 from fnf_jax.models import layers
+from fnf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 Dtype = Any
 
@@ -127,24 +129,6 @@ def sample_posterior(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.
   return mean + jnp.exp(0.5 * logvar) * noise
 
 
-class ResnetBlock2D(nn.Module):
-  """GroupNorm-SiLU-conv twice plus a (1x1-projected when widths differ) skip; no time input."""
-
-  out_channels: int
-  groups: int
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x):
-    h = layers.group_norm(self.groups, _EPS, dtype=self.dtype, name="norm1")(x)
-    h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(nn.silu(h))
-    h = layers.group_norm(self.groups, _EPS, dtype=self.dtype, name="norm2")(h)
-    h = layers.conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(nn.silu(h))
-    if x.shape[-1] != self.out_channels:
-      x = layers.conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
-    return x + h  # output_scale_factor is 1 throughout the VAE
-
-
 class Attention(nn.Module):
   """diffusers' Attention as the VAE mid-block uses it: pre-GroupNorm, self-attention over all
   pixels, output projection, residual connection (rescale_output_factor is 1)."""
@@ -179,68 +163,32 @@ class UNetMidBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    x = ResnetBlock2D(c, self.groups, self.dtype, name="resnets_0")(x)
+    x = ResnetBlock2D(c, self.groups, _EPS, dtype=self.dtype, name="resnets_0")(x)
     if self.add_attention:
       # AutoencoderKL passes attention_head_dim = channels: a single head.
       x = Attention(self.groups, 1, self.dtype, self.attention_impl, name="attentions_0")(x)
-    return ResnetBlock2D(c, self.groups, self.dtype, name="resnets_1")(x)
+    return ResnetBlock2D(c, self.groups, _EPS, dtype=self.dtype, name="resnets_1")(x)
 
 
-class Downsample2D(nn.Module):
-  """Stride-2 3x3 conv after zero-padding one row/column at the bottom/right only, as diffusers'
-  Downsample2D(padding=0) does: the grid is not centred like a padding=1 conv would be."""
-
-  channels: int
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return layers.conv(self.channels, 3, stride=2, padding=0, dtype=self.dtype, name="conv")(x)
-
-
-class Upsample2D(nn.Module):
-  """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
-
-  channels: int
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    return layers.conv(self.channels, 3, dtype=self.dtype, name="conv")(x)
-
-
-class DownEncoderBlock2D(nn.Module):
+class ResnetStack(nn.Module):
+  """`num_layers` resnets, then a downsampler (DownEncoderBlock2D), an upsampler
+  (UpDecoderBlock2D) or neither (each side's last block): `resample` is "down", "up" or None."""
   out_channels: int
   num_layers: int
   groups: int
-  add_downsample: bool
+  resample: str | None
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.groups, self.dtype, name=f"resnets_{i}")(x)
-    if self.add_downsample:
-      x = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(x)
-    return x
-
-
-class UpDecoderBlock2D(nn.Module):
-  out_channels: int
-  num_layers: int
-  groups: int
-  add_upsample: bool
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.groups, self.dtype, name=f"resnets_{i}")(x)
-    if self.add_upsample:
-      x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
+      x = ResnetBlock2D(self.out_channels, self.groups, _EPS, dtype=self.dtype,
+                        name=f"resnets_{i}")(x)
+    if self.resample == "down":
+      # diffusers builds the VAE's with padding=0: pad bottom/right, then a VALID stride-2 conv.
+      x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
+    elif self.resample == "up":
+      x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
     return x
 
 
@@ -261,10 +209,10 @@ class Encoder(nn.Module):
     g = cfg.norm_num_groups
     channels = cfg.block_out_channels
     x = layers.conv(channels[0], 3, dtype=self.dtype, name="conv_in")(x)
-    block = _maybe_remat(DownEncoderBlock2D, self.remat)
+    block = _maybe_remat(ResnetStack, self.remat)
     for i, c in enumerate(channels):
-      x = block(c, cfg.layers_per_block, g, i < len(channels) - 1, self.dtype,
-                name=f"down_blocks_{i}")(x)
+      x = block(c, cfg.layers_per_block, g, "down" if i < len(channels) - 1 else None,
+                self.dtype, name=f"down_blocks_{i}")(x)
     x = _maybe_remat(UNetMidBlock2D, self.remat)(
         g, cfg.mid_block_add_attention, self.dtype, self.attention_impl, name="mid_block")(x)
     x = nn.silu(layers.group_norm(g, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
@@ -285,11 +233,11 @@ class Decoder(nn.Module):
     x = layers.conv(channels[0], 3, dtype=self.dtype, name="conv_in")(z)
     x = _maybe_remat(UNetMidBlock2D, self.remat)(
         g, cfg.mid_block_add_attention, self.dtype, self.attention_impl, name="mid_block")(x)
-    block = _maybe_remat(UpDecoderBlock2D, self.remat)
+    block = _maybe_remat(ResnetStack, self.remat)
     for i, c in enumerate(channels):
       # The decoder has one more resnet per block than the encoder, as in diffusers.
-      x = block(c, cfg.layers_per_block + 1, g, i < len(channels) - 1, self.dtype,
-                name=f"up_blocks_{i}")(x)
+      x = block(c, cfg.layers_per_block + 1, g, "up" if i < len(channels) - 1 else None,
+                self.dtype, name=f"up_blocks_{i}")(x)
     x = nn.silu(layers.group_norm(g, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
     return layers.conv(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
 
@@ -297,9 +245,9 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
   """The KL-regularised autoencoder of latent diffusion, NHWC.
 
-  Parameters are float32 (unless `load` was asked for half precision); activations run in
-  `dtype`; encode/decode return float32. `remat` rematerialises each block in the backward pass,
-  for reward gradients through the decoder at full resolution.
+  init creates float32 params (`load` returns them in `dtype` when that is half precision);
+  activations run in `dtype`; encode/decode return float32. `remat` rematerialises each block in
+  the backward pass, for reward gradients through the decoder at full resolution.
   """
 
   config: VAEConfig
@@ -378,8 +326,9 @@ def load(folder: str, *, dtype="float32", attention_impl: str = "xla",
          remat: bool = False) -> tuple[AutoencoderKL, dict]:
   """(module, params) from a diffusers `vae/` folder (config.json + *.safetensors).
 
-  `dtype` (a name or a jnp dtype) is the compute dtype; a half-precision dtype also casts the
-  parameters to it, halving their memory (the VAE is frozen during reward fine-tuning).
+  `dtype` (a name or a jnp dtype) is the compute dtype. Params are jax arrays on the default
+  device, float32, or in `dtype` when that is half precision (bfloat16 / float16): halving their
+  memory, as the VAE is frozen during reward fine-tuning.
   """
   dtype = jnp.dtype(dtype)
   config_dict, state_dict = convert.read_component(folder)

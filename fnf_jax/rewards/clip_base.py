@@ -5,9 +5,9 @@ A CLIP reward is a head on CLIP's image embedding:
     score(params, images, ids)  = head score of clip.image_features(params["clip"], images)
     heatmap(params, images, ids) = saliency of the head's *target* (see saliency.py)
 with params = {"clip": CLIP params, "head": the head's arrays}, so the training step passes them
-in as frozen arguments. Config fields read here: clip_path, weights (by the heads that have a
-file), tokenizer (optional folder; default: the CLIP folder's own), dtype ["float32"], remat
-[False], and saliency.py's fields.
+in as frozen arguments. Config fields read here (their values live in the configs, see
+`clip_reward` in configs/focus_n_fix.py): clip_path, weights (by the heads that have a file),
+tokenizer (a folder, or "" for the CLIP folder's own), dtype, remat, and saliency.py's fields.
 """
 
 import os
@@ -31,17 +31,16 @@ CLIP_DOWNLOAD = (
 
 
 def load_clip(cfg) -> clip_lib.Clip:
-  path = cfg.get("clip_path", "")
+  path = cfg.clip_path
   if not path or not os.path.exists(path):
     raise convert.CheckpointError(
         f"reward {cfg.name!r}: CLIP not found at reward.clip_path={path!r}.\n{CLIP_DOWNLOAD}")
-  return clip_lib.load(path, dtype=cfg.get("dtype", "float32"), remat=cfg.get("remat", False),
-                       tokenizer=cfg.get("tokenizer", None) or None)
+  return clip_lib.load(path, dtype=cfg.dtype, remat=cfg.remat, tokenizer=cfg.tokenizer or None)
 
 
 def weights_path(cfg, instructions: str) -> str:
   """cfg.weights, which must exist; otherwise an error naming it and how to make it."""
-  path = cfg.get("weights", "")
+  path = cfg.weights
   if not path or not os.path.isfile(path):
     raise convert.CheckpointError(
         f"reward {cfg.name!r}: head weights not found at reward.weights={path!r}.\n"
@@ -68,7 +67,7 @@ def check_dim(head_dim: int, clip: clip_lib.Clip, cfg, what: str) -> None:
     have = CLIP_BY_DIM.get(got, "an unknown CLIP")
     raise ValueError(
         f"reward {cfg.name!r}: {what} takes {head_dim}-d embeddings ({need}); the CLIP at "
-        f"reward.clip_path={cfg.get('clip_path', '')!r} gives {got}-d ({have}).")
+        f"reward.clip_path={cfg.clip_path!r} gives {got}-d ({have}).")
 
 
 def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:

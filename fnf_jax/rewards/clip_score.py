@@ -11,8 +11,8 @@ LAION heads use. Set cfg.prompt_tokenizer to the pipeline's tokenizer folder (e.
 text tower, and the same ids as the CLIP's own tokenizer where the CLIP folder ships one); a
 mismatch raises. The reward's params hold nothing prompt-specific.
 
-Config fields: clip_path, scale [2.5], prompt_encoder [0], prompt_tokenizer [""], and those of
-clip_base / saliency.
+Config fields: clip_path, scale (CLIPScore's w, 2.5 in configs/focus_n_fix.py), prompt_encoder,
+prompt_tokenizer ("" = no check), and those of clip_base / saliency.
 """
 
 import jax
@@ -21,13 +21,11 @@ import jax.numpy as jnp
 from fnf_jax.models import clip_tokenizer
 from fnf_jax.rewards import clip_base, registry
 
-# CLIPScore's w: stretches the usual cosine range of ~[0, 0.4] towards [0, 1].
-DEFAULT_SCALE = 2.5
 _PROBE = "a photo of a red circle, two cats and a dog holding a sign that says 123!"
 
 
 def check_tokenizer(cfg, clip) -> None:
-  folder = cfg.get("prompt_tokenizer", "")
+  folder = cfg.prompt_tokenizer
   if not folder:
     return
   tok = clip_tokenizer.load(folder)
@@ -53,11 +51,10 @@ def prompt_row(prompt_ids, encoder: int, max_length: int) -> jax.Array:
   return ids
 
 
-@registry.register("clip_score")
 def build(cfg) -> registry.Reward:
   clip = clip_base.load_clip(cfg)
   check_tokenizer(cfg, clip)
-  scale, encoder = float(cfg.get("scale", DEFAULT_SCALE)), int(cfg.get("prompt_encoder", 0))
+  scale, encoder = float(cfg.scale), int(cfg.prompt_encoder)
   max_length = clip.config.text_config.max_position_embeddings
 
   def cosine(params, embeds, prompt_ids):

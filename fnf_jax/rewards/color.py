@@ -16,7 +16,6 @@ def _closeness(images, color, sigma):
   return jnp.exp(-d2 / (2.0 * sigma**2))
 
 
-@registry.register("color")
 def build(cfg) -> registry.Reward:
   color, sigma = tuple(cfg.color), float(cfg.sigma)
   if len(color) != 3:

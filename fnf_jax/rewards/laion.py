@@ -15,7 +15,8 @@ Both read one safetensors file written by tools/convert_laion_heads.py: `dense_{
 plus `normalization.mean` / `normalization.variance` [in] for the NSFW head. Both heads were
 trained on L2-normalised embeddings (LAION's stored embeddings are), hence the normalisation.
 
-Config fields: clip_path, weights, normalize_embedding [True], and those of clip_base/saliency.
+Config fields: clip_path, weights, normalize_embedding (True for both published heads), and those
+of clip_base / saliency.
 """
 
 import re
@@ -93,12 +94,11 @@ def _build(cfg, instructions: str, what: str, need_norm: bool):
                      "which the NSFW head has; convert it with tools/convert_laion_heads.py nsfw")
   clip = clip_base.load_clip(cfg)
   clip_base.check_dim(head["dense"][0][0].shape[0], clip, cfg, what)
-  normalize = bool(cfg.get("normalize_embedding", True))
+  normalize = bool(cfg.normalize_embedding)
   prepare = clip_base.l2_normalize if normalize else (lambda e: e.astype(jnp.float32))
   return head, clip, prepare
 
 
-@registry.register("laion_nsfw")
 def build_nsfw(cfg) -> registry.Reward:
   head, clip, prepare = _build(cfg, NSFW_INSTRUCTIONS, "the LAION NSFW head", need_norm=True)
 
@@ -112,7 +112,6 @@ def build_nsfw(cfg) -> registry.Reward:
   return clip_base.make_reward(cfg, clip, head, score, target)
 
 
-@registry.register("laion_aesthetic")
 def build_aesthetic(cfg) -> registry.Reward:
   head, clip, prepare = _build(cfg, AESTHETIC_INSTRUCTIONS, "the LAION aesthetic head",
                                need_norm=False)

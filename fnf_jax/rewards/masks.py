@@ -10,7 +10,9 @@ wrap them in stop_gradient.
 import jax
 import jax.numpy as jnp
 
-THRESHOLD_MODES = ("absolute", "quantile")
+from fnf_jax import choices
+
+THRESHOLD_MODES = choices.THRESHOLD_MODES
 
 
 def resize(heatmap: jax.Array, size: tuple[int, int]) -> jax.Array:

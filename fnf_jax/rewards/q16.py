@@ -46,7 +46,6 @@ def _cosines(params, embeds):
                     precision="highest")
 
 
-@registry.register("q16")
 def build(cfg) -> registry.Reward:
   prompts = read_prompts(clip_base.weights_path(cfg, INSTRUCTIONS))
   clip = clip_base.load_clip(cfg)

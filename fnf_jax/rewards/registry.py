@@ -4,15 +4,20 @@ A reward is two pure, jittable functions of (params, images, prompt_ids):
     score(params, images [B, H, W, 3] in [0, 1], prompt_ids) -> [B]     (higher is better)
     heatmap(params, images, prompt_ids) -> [B, H', W']  (>= 0, where the image is problematic)
 plus its frozen params, which the training step receives as an argument (never closed over).
+
+Each name maps to the "module:function" that builds it from the config's `reward` block and to
+the fields of that block it reads, so that `fnf_jax.validate` can check a config (name and
+fields) without importing any reward. Packages outside the core (the toy world) add their own
+entries with `add` when `fnf_jax.plugins` imports them.
 """
 
 import dataclasses
 import importlib
 from typing import Any, Callable
 
-import jax
+from fnf_jax import plugins
 
-ScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+ScoreFn = Callable[[Any, Any, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -23,32 +28,49 @@ class Reward:
   params: Any = None
 
 
-_BUILDERS: dict[str, Callable[..., Reward]] = {}
-# Modules that register rewards on import; imported on first lookup so configs need no imports.
-_MODULES = ("fnf_jax.rewards.color", "fnf_jax.rewards.q16", "fnf_jax.rewards.laion",
-            "fnf_jax.rewards.clip_score", "fnf_jax.rewards.zero_shot",
-            "fnf_jax.rewards.toy_defect")
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  builder: str  # "module:function", called with the config's reward block
+  fields: tuple[str, ...]  # the block's fields it reads (besides `name`)
 
 
-def register(name: str):
-  def wrap(builder):
-    if name in _BUILDERS:
-      raise ValueError(f"reward {name!r} registered twice")
-    _BUILDERS[name] = builder
-    return builder
+# What every CLIP reward reads (clip_base.py, saliency.py).
+CLIP_FIELDS = ("clip_path", "tokenizer", "dtype", "remat", "saliency", "gradcam_layer",
+               "gradcam_sigma", "saliency_baseline")
+_ENTRIES: dict[str, Entry] = {
+    "color": Entry("fnf_jax.rewards.color:build", ("color", "sigma")),
+    "q16": Entry("fnf_jax.rewards.q16:build", CLIP_FIELDS + ("weights",)),
+    "laion_nsfw": Entry("fnf_jax.rewards.laion:build_nsfw",
+                        CLIP_FIELDS + ("weights", "normalize_embedding")),
+    "laion_aesthetic": Entry("fnf_jax.rewards.laion:build_aesthetic",
+                             CLIP_FIELDS + ("weights", "normalize_embedding")),
+    "clip_score": Entry("fnf_jax.rewards.clip_score:build",
+                        CLIP_FIELDS + ("scale", "prompt_encoder", "prompt_tokenizer")),
+    "zero_shot_safety": Entry("fnf_jax.rewards.zero_shot:build",
+                              CLIP_FIELDS + ("safe_prompts", "unsafe_prompts")),
+}
 
-  return wrap
+
+def add(name: str, builder: str, fields=()) -> None:
+  """Registers reward `name`: `builder` ("module:function") builds it from its config block."""
+  if name in _ENTRIES:
+    raise ValueError(f"reward {name!r} registered twice")
+  _ENTRIES[name] = Entry(builder, tuple(fields))
+
+
+def entries() -> dict[str, Entry]:
+  plugins.load()
+  return dict(_ENTRIES)
 
 
 def names() -> list[str]:
-  for module in _MODULES:
-    importlib.import_module(module)
-  return sorted(_BUILDERS)
+  return sorted(entries())
 
 
 def build(cfg) -> Reward:
   """The reward named by cfg.name, built from the rest of the config block."""
-  available = names()
+  available = entries()
   if cfg.name not in available:
-    raise ValueError(f"reward {cfg.name!r} is not registered; available: {available}")
-  return _BUILDERS[cfg.name](cfg)
+    raise ValueError(f"reward {cfg.name!r} is not registered; available: {sorted(available)}")
+  module, function = available[cfg.name].builder.split(":")
+  return getattr(importlib.import_module(module), function)(cfg)

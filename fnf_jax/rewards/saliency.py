@@ -21,9 +21,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fnf_jax import choices
 from fnf_jax.rewards import masks
 
-METHODS = ("gradxinput", "gradcam")
+METHODS = choices.SALIENCY_METHODS
 # target(params, images, prompt_ids) -> [B]; per image, so d(sum)/d(image_b) = d(target_b)/...
 TargetFn = Callable[[Any, jax.Array, Any], jax.Array]
 # head(params, image_embeds [B, P], prompt_ids) -> [B]: a target given CLIP's image embedding.
@@ -93,18 +94,19 @@ def grad_cam(clip, head: HeadFn, params, images: jax.Array, prompt_ids, *, layer
 def heatmap_fn(cfg, clip, head: HeadFn):
   """heatmap(params, images, prompt_ids) -> [B, H, W] by the method that cfg.saliency names.
 
-  Config fields (defaults in brackets): saliency ["gradcam"], gradcam_layer [-2],
-  gradcam_sigma [1.0, in patches], saliency_baseline [0.0, for gradxinput].
+  Config fields: saliency (a METHODS name), gradcam_layer, gradcam_sigma (in patches),
+  saliency_baseline (for gradxinput).
   """
-  method = cfg.get("saliency", "gradcam")
+  method = cfg.saliency
   if method not in METHODS:
     raise ValueError(f"reward.saliency={method!r} is not one of {METHODS}")
   if method == "gradcam":
-    layer, sigma = int(cfg.get("gradcam_layer", -2)), float(cfg.get("gradcam_sigma", 1.0))
+    layer = int(cfg.gradcam_layer)
     _layer_index(layer, clip.config.vision_config.num_hidden_layers)  # fail at build time
+    sigma = float(cfg.gradcam_sigma)
     return lambda params, images, ids: grad_cam(clip, head, params, images, ids, layer=layer,
                                                 sigma=sigma)
-  baseline = float(cfg.get("saliency_baseline", 0.0))
+  baseline = float(cfg.saliency_baseline)
 
   def target(params, images, ids):
     return head(params, clip.image_features(params["clip"], images), ids)

@@ -19,7 +19,7 @@ from fnf_jax.rewards import clip_base, registry
 
 
 def _prompts(cfg, field: str) -> list[str]:
-  prompts = cfg.get(field, None)
+  prompts = cfg[field]
   if isinstance(prompts, str):
     prompts = [prompts]
   if not prompts or not all(isinstance(p, str) and p for p in prompts):
@@ -28,7 +28,6 @@ def _prompts(cfg, field: str) -> list[str]:
   return list(prompts)
 
 
-@registry.register("zero_shot_safety")
 def build(cfg) -> registry.Reward:
   safe, unsafe = _prompts(cfg, "safe_prompts"), _prompts(cfg, "unsafe_prompts")
   clip = clip_base.load_clip(cfg)

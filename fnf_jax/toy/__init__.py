@@ -1,1 +1,14 @@
-"""The toy world's models and evaluation: configs (models), the analytic judge, diffusers export."""
+"""The toy world, whole: data (world.py), the analytic judge (judge.py), the learned defect reward
+(reward.py), its model family (models.py), pretraining (pretrain.py), and the demo (demo.py,
+evaluate.py, report.py) that `make demo` runs.
+
+Nothing outside this package imports it: `fnf_jax.plugins` does, and these lines register the
+toy world's jobs and reward with the core (names only; nothing heavy is imported here).
+"""
+
+from fnf_jax import jobs
+from fnf_jax.rewards import registry
+
+jobs.add("pretrain", "fnf_jax.toy.pretrain:run", "fnf_jax.toy.checks:pretrain")
+jobs.add("demo", "fnf_jax.toy.demo:run", "fnf_jax.toy.checks:demo")
+registry.add("toy_defect", "fnf_jax.toy.reward:build", fields=("weights",))

@@ -5,10 +5,11 @@ Layout of WORKDIR:
     fnf/     the Focus-N-Fix run (its reference cache, checkpoints, metrics.jsonl, lora)
     draft/   the DRaFT run (the same reference cache, linked)
     report/  index.html, grid.png, metrics.json
-A finished run is resumed, not repeated: train() picks up from its checkpoints.
+A finished run is resumed, not repeated: train() picks up from its checkpoints. The model and
+reward are loaded once, each method's step is built once (`train.setup`), and the evaluation
+reuses the Focus-N-Fix run's compiled reference and sampler.
 """
 
-import copy
 import os
 import time
 
@@ -22,28 +23,7 @@ from fnf_jax.reference import directory as reference_directory
 from fnf_jax.toy import evaluate
 from fnf_jax.toy import judge
 from fnf_jax.toy import report as report_lib
-
-METHODS = ("base", "draft", "fnf")
-
-
-def method_config(config, method: str):
-  """The training config of "fnf" (the config itself) or "draft" (with config.draft applied)."""
-  cfg = copy.deepcopy(config)
-  if method == "draft":
-    _override(cfg, config.draft, "draft")
-  elif method != "fnf":
-    raise ValueError(f"method {method!r} is not one of ('fnf', 'draft')")
-  return cfg
-
-
-def _override(node, overrides, where: str) -> None:
-  for key, value in overrides.items():
-    if key not in node:
-      raise KeyError(f"config.{where}.{key} overrides nothing: the config has no {key!r}")
-    if hasattr(value, "items"):
-      _override(node[key], value, f"{where}.{key}")
-    else:
-      node[key] = value
+from fnf_jax.toy.methods import method_config
 
 
 def _share_cache(source_workdir: str, workdir: str) -> None:
@@ -62,8 +42,7 @@ def eval_examples(config) -> list:
 
 def sample_all(run, loras: dict, examples: list, config) -> dict:
   """Î0 and M of the base model and each LoRA's images, for every example; numpy."""
-  reference_fn = jax.jit(run.step.reference)
-  images_fn = jax.jit(run.step.eval_images)
+  reference_fn, images_fn = run.reference_fn, run.eval_images_fn
   score_fn = jax.jit(run.reward.score)
   s, bs = config.sampling, config.data.batch_size
   out = {k: [] for k in ("reference", "mask", *[f"images_{m}" for m in loras],
@@ -91,26 +70,22 @@ def sample_all(run, loras: dict, examples: list, config) -> dict:
 def run(config, workdir: str) -> dict:
   """The demo job; returns the metrics (also in WORKDIR/report/metrics.json)."""
   t0 = time.time()
-  if not jax.config.jax_compilation_cache_dir:
-    # The evaluation compiles the cache job's reference program again (another Step instance):
-    # a persistent compilation cache makes that, and every rerun of the demo, a cache hit.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   runs = {m: os.path.join(workdir, m) for m in ("fnf", "draft")}
-  fnf_cfg = method_config(config, "fnf")
+  configs = {m: method_config(config, m) for m in ("fnf", "draft")}
+  fnf_run = train_lib.setup(configs["fnf"])
+  setups = {"fnf": fnf_run, "draft": train_lib.setup(configs["draft"], base=fnf_run)}
   if config.train.reference == "cache":
-    train_lib.cache(fnf_cfg, runs["fnf"])
+    train_lib.cache(configs["fnf"], runs["fnf"], run=fnf_run)
     _share_cache(runs["fnf"], runs["draft"])
   loras, seconds = {}, {}
   for method in ("draft", "fnf"):
     tic = time.time()
-    _, loras[method] = train_lib.fit(method_config(config, method), runs[method])
+    _, loras[method] = train_lib.fit(configs[method], runs[method], run=setups[method])
     seconds[method] = time.time() - tic
     logging.info("%s: trained in %.0f s", method, seconds[method])
 
-  run_ = train_lib.setup(fnf_cfg)
   examples = eval_examples(config)
-  out = sample_all(run_, loras, examples, config)
+  out = sample_all(fnf_run, loras, examples, config)
   captions = [e.prompt for e in examples]
   metrics = {"base": evaluate.method_metrics(out["reference"], out["reference"], out["mask"],
                                              captions, out["reward_base"])}
@@ -122,7 +97,7 @@ def run(config, workdir: str) -> dict:
     metrics[method]["train_seconds"] = round(seconds[method], 1)
   metrics["setup"] = {
       # The pool; training uses those with data.min_mask_area (the count is in the log).
-      "example_pool": len(run_.examples), "min_mask_area": config.data.min_mask_area,
+      "example_pool": len(fnf_run.examples), "min_mask_area": config.data.min_mask_area,
       "eval_examples": len(examples),
       "train_steps": config.train.num_steps, "batch_size": config.data.batch_size,
       "ddim_steps": config.sampling.num_steps, "guidance_scale": config.sampling.guidance_scale,

@@ -1,6 +1,6 @@
 """The analytic judge of the toy world: evaluation only, never a training reward.
 
-It knows the rules of `fnf_jax.data.toy_world` (reference colours, upright triangles, a dark
+It knows the rules of the world (`world.py`: reference colours, upright triangles, a dark
 blotch), so it measures what a fine-tuning run changed without a learned model whose own errors
 would blur the comparison; the learned reward model is what training optimizes.
 
@@ -20,9 +20,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from fnf_jax.data import toy_world
+from fnf_jax.toy import world
 
-# Calibrated on data and on the shipped model's samples together (TOYWORLD's advice): data
+# Calibrated on data and on the shipped model's samples together: data
 # blotches have max RGB <= 0.29, shapes >= 0.6, backgrounds >= 0.82; the model draws them
 # lighter and smaller. On 512 data images any threshold in 0.35-0.5 with 4-8 px has recall 1.000
 # and no false positives; on 192 samples of the shipped model (20 DDIM steps, no guidance)
@@ -67,7 +67,7 @@ def defects(images, *, dark_threshold: float = DARK_THRESHOLD,
 def color(images, *, saturation: float = SATURATION) -> list[str]:
   """Per image, the reference colour most saturated pixels are nearest to (or NONE)."""
   images = _as_images(images)
-  refs = np.asarray([toy_world.REFERENCE_COLORS[c] for c in toy_world.COLORS], np.float32)
+  refs = np.asarray([world.REFERENCE_COLORS[c] for c in world.COLORS], np.float32)
   out = []
   for image in images:
     px = image.reshape(-1, 3)
@@ -76,7 +76,7 @@ def color(images, *, saturation: float = SATURATION) -> list[str]:
       out.append(NONE)
       continue
     nearest = ((px[:, None] - refs[None]) ** 2).sum(-1).argmin(-1)
-    out.append(toy_world.COLORS[np.bincount(nearest, minlength=len(refs)).argmax()])
+    out.append(world.COLORS[np.bincount(nearest, minlength=len(refs)).argmax()])
   return out
 
 
@@ -123,11 +123,11 @@ def shape(images) -> list[str]:
 def parse_caption(caption: str) -> tuple[str, str]:
   """(colour, shape) named in a caption; raises if it names not exactly one of each."""
   words = caption.lower().replace(",", " ").replace(".", " ").split()
-  colors = [w for w in words if w in toy_world.COLORS]
-  shapes = [w for w in words if w in toy_world.SHAPES]
+  colors = [w for w in words if w in world.COLORS]
+  shapes = [w for w in words if w in world.SHAPES]
   if len(colors) != 1 or len(shapes) != 1:
-    raise ValueError(f"caption {caption!r} must name one colour of {toy_world.COLORS} and one "
-                     f"shape of {toy_world.SHAPES}")
+    raise ValueError(f"caption {caption!r} must name one colour of {world.COLORS} and one "
+                     f"shape of {world.SHAPES}")
   return colors[0], shapes[0]
 
 

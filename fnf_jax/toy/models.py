@@ -1,12 +1,12 @@
 """The toy world's model family: diffusers-format configs, a word-level CLIP tokenizer, random init.
 
 The same architecture as Stable Diffusion (KL VAE + UNet2DConditionModel + CLIP text encoder),
-shrunk until pretraining on `fnf_jax.data.toy_world` fits a CPU (design/TOYWORLD.md):
+shrunk until pretraining on the toy world (`world.py`) fits a CPU:
 
-  VAE    f = 2: 32x32x3 -> 16x16x4 latents. TOYWORLD's f = 4 autoencoder lost the defect in a third
-         of reconstructions; f = 2 keeps 3x3 px blotches at >= 1 latent pixel. Channels (16, 32),
-         0.17 M params: every conv of a VAE runs at 32x32, and (32, 64) made a step 2.7x slower.
-         4 norm groups: in short runs, 8 groups (2 channels each) shifted colours (yellow to
+  VAE    f = 2: 32x32x3 -> 16x16x4 latents. An f = 4 autoencoder (no KL term) lost the defect in a
+         third of reconstructions in a feasibility study; f = 2 keeps 3x3 px blotches at >= 1
+         latent pixel. Channels (16, 32), 0.17 M params: every conv of a VAE runs at 32x32, and
+         (32, 64) made a step 2.7x slower. 4 norm groups: in short runs, 8 groups (2 channels each) shifted colours (yellow to
          orange) far longer. Its scaling_factor is a placeholder (1.0): set it to
          `latent_scaling_factor` of the trained encoder's latents before training the UNet.
   UNet   16x16 latents, channels (32, 64, 96), 2.7 M params. Cross-attention at 8x8 and 4x4
@@ -14,27 +14,26 @@ shrunk until pretraining on `fnf_jax.data.toy_world` fits a CPU (design/TOYWORLD
          and shape are global properties that the coarse levels bind.
   text   CLIP, width 64, 2 layers, 4 heads, 16 positions (the pipeline pads to the tokenizer's
          model_max_length; SD's 77 made a UNet training step 15% slower).
-  tokens byte-level CLIP BPE whose merges spell each word of WORDS as one token; other words
-         fall back to letters, as in the real vocabulary.
+  tokens byte-level CLIP BPE (`fnf_jax.models.clip_vocab`) whose merges spell each word of WORDS
+         as one token; other words fall back to letters, as in the real vocabulary.
 
 Configs are plain dicts in the format of diffusers' / transformers' config.json, so
 UNetConfig.from_dict, VAEConfig.from_dict, CLIPTextConfig.from_dict and diffusers itself read them,
-and `fnf_jax.toy.export.export_pipeline` writes them unchanged.
+and `fnf_jax.models.export.export_pipeline` writes them unchanged.
 """
 
-import json
 import os
 
 import jax
 import numpy as np
 
 from fnf_jax import pipeline as pipeline_lib
+from fnf_jax import random_models
 from fnf_jax import schedulers
-from fnf_jax import tiny
 from fnf_jax.models import clip_tokenizer
+from fnf_jax.models import clip_vocab
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# Caption words first (toy_world.captions() uses only these), then a few for prompt variants.
+# Caption words first (world.captions() uses only these), then a few for prompt variants.
 WORDS = ("a", "red", "green", "blue", "yellow", "circle", "square", "triangle",
          "an", "the", "of", "on", "in", "and", "with", "no", "shape", "photo", "dark", "brown",
          "spot", "stain", "clean")
@@ -46,54 +45,10 @@ LATENT_CHANNELS = 4
 LATENT_SIZE = 16
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-  """Plain BPE: merge the best-ranked adjacent pair until no known pair is left."""
-  while len(symbols) > 1:
-    pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
-    rank, i = min(pairs)
-    if rank == len(ranks):
-      break
-    symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
-  return symbols
-
-
-def vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
-  """(vocab, merges): the alphabet and its "</w>" forms, one token per merge, then bos, eos.
-
-  Each word gets merges joining, left to right, the pieces that earlier merges leave of it; its
-  merges rank after the earlier words', so they never split those.
-  """
-  alphabet = clip_tokenizer.byte_alphabet()
-  tokens = alphabet + [c + "</w>" for c in alphabet]
-  merges: list[tuple[str, str]] = []
-  for word in WORDS:
-    pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], {m: i for i, m in enumerate(merges)})
-    for piece in pieces[1:]:
-      merges.append((pieces[0], piece))
-      pieces[0] += piece
-      if pieces[0] not in tokens:
-        tokens.append(pieces[0])
-  vocab = {t: i for i, t in enumerate(tokens)}
-  vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-  return vocab, merges
-
-
 def write_tokenizer(folder: str) -> str:
-  """Writes the toy CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json,
-  special_tokens_map.json; SD 1.x layout, padding with eos) into `folder`; returns `folder`."""
-  os.makedirs(folder, exist_ok=True)
-  vocab, merges = vocabulary()
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f, ensure_ascii=False)
-  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n")
-    f.writelines(f"{a} {b}\n" for a, b in merges)
-  special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-  with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-    json.dump(special, f, indent=2)
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({**special, "model_max_length": MAX_TOKENS, "tokenizer_class": "CLIPTokenizer",
-               "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}, f, indent=2)
+  """Writes the toy CLIP tokenizer (every word of WORDS one token, MAX_TOKENS positions, padded
+  with eos as SD 1.x) into `folder`; returns `folder`."""
+  clip_vocab.write(folder, words=WORDS, model_max_length=MAX_TOKENS)
   tok = clip_tokenizer.load(folder)
   split = {w: tok.encode(w) for w in WORDS if len(tok.encode(w)) != 1}
   if split:  # a word list whose merges interfere; reorder WORDS
@@ -127,18 +82,19 @@ def vae_config(scaling_factor: float = 1.0) -> dict:
 
 
 def text_config() -> dict:
-  vocab, _ = vocabulary()
+  vocab, _ = clip_vocab.vocabulary(WORDS)
   return {
       "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
       "vocab_size": len(vocab), "hidden_size": TEXT_WIDTH, "intermediate_size": 4 * TEXT_WIDTH,
       "projection_dim": TEXT_WIDTH, "num_hidden_layers": 2, "num_attention_heads": 4,
       "max_position_embeddings": MAX_TOKENS, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-      "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS],
+      "bos_token_id": vocab[clip_vocab.BOS], "eos_token_id": vocab[clip_vocab.EOS],
+      "pad_token_id": vocab[clip_vocab.EOS],
   }
 
 
 def scheduler_config() -> dict:
-  """DDIM on a cosine schedule (what TOYWORLD trained with), with SD's "leading" spacing.
+  """DDIM on a cosine schedule (what the toy UNet is trained with), with SD's "leading" spacing.
 
   Not "trailing": the cosine schedule's last training step keeps alpha_bar = 2.4e-9 of signal,
   and DDIM's first x0 estimate from an ε-prediction there divides the model's error by
@@ -169,7 +125,7 @@ def build_pipeline(tokenizer_dir: str, *, params: dict | None = None, seed: int 
   """
   if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
     write_tokenizer(tokenizer_dir)
-  return tiny.build_pipeline(
+  return random_models.build_pipeline(
       unet=unet_config(), vae=vae_config(vae_scaling_factor), text=text_config(),
       tokenizer=clip_tokenizer.load(tokenizer_dir),
       scheduler=schedulers.DDIMConfig.from_dict(scheduler_config()), params=params, seed=seed,

@@ -9,13 +9,13 @@ skipped; the UNet stage restarts from its last saved state):
              (SD's rule), and the stage stops the job if the judge finds the defect in too few
              reconstructions of defective images: a VAE that paints the blotch away would leave
              nothing for fine-tuning to fix.
-  2. reward  the `toy_defect` localized reward model (fnf_jax/rewards/toy_defect.py), on the
-             world's ground-truth defect masks.
+  2. reward  the `toy_defect` localized reward model (reward.py), on the world's ground-truth
+             defect masks.
   3. unet    the UNet and the CLIP text encoder together, DDPM ε-prediction on the VAE's
              posterior samples, 10% of captions dropped to "" (what classifier-free guidance's
              unconditional branch is fed), EMA weights for sampling.
 The EMA model is exported every `export_every` steps and at the end as a diffusers-format
-folder (`fnf_jax.toy.export`), with a sample grid and the judge's colour / shape / defect rates.
+folder (`fnf_jax.models.export`), with a sample grid and the judge's colour / shape / defect rates.
 """
 
 import dataclasses
@@ -30,14 +30,14 @@ import numpy as np
 import optax
 from absl import logging
 
+from fnf_jax import random_models
 from fnf_jax import schedulers
-from fnf_jax import tiny
-from fnf_jax.data import toy_world
+from fnf_jax.models import export
 from fnf_jax.models import vae as vae_lib
-from fnf_jax.rewards import toy_defect
-from fnf_jax.toy import export
 from fnf_jax.toy import judge
 from fnf_jax.toy import models
+from fnf_jax.toy import reward as toy_defect
+from fnf_jax.toy import world
 
 
 def images_batch(step: int, batch_size: int, cfg, defect_rate: float | None = None,
@@ -45,7 +45,7 @@ def images_batch(step: int, batch_size: int, cfg, defect_rate: float | None = No
   """Training images for `step`: world indices offset + step * batch_size + i (never the eval
   indices, which `eval_indices` takes from the other end of the index space)."""
   start = offset + step * batch_size
-  return toy_world.batch(range(start, start + batch_size), seed=cfg.data_seed,
+  return world.batch(range(start, start + batch_size), seed=cfg.data_seed,
                          defect_rate=cfg.defect_rate if defect_rate is None else defect_rate)
 
 
@@ -89,7 +89,7 @@ def train_vae(cfg, workdir: str) -> tuple[dict, float]:
     return saved["params"], float(saved["scaling_factor"])
 
   abstract = jax.eval_shape(vae.init, jax.random.key(0), vae_lib.dummy_images(vae.config))
-  params = jax.tree.map(jnp.asarray, tiny.init_params(abstract["params"], cfg.seed))
+  params = jax.tree.map(jnp.asarray, random_models.init_params(abstract["params"], cfg.seed))
   opt = _adamw(cfg.vae)
   opt_state = opt.init(params)
 
@@ -139,7 +139,7 @@ def train_vae(cfg, workdir: str) -> tuple[dict, float]:
 def vae_report(vae, params, cfg, n: int = 512) -> dict:
   """Scaling factor, reconstruction L1 and the judge's defect recall / false positives on
   reconstructions of held-out images (posterior means)."""
-  data = toy_world.batch(eval_indices(n), seed=cfg.data_seed, defect_rate=0.5)
+  data = world.batch(eval_indices(n), seed=cfg.data_seed, defect_rate=0.5)
   x = jnp.asarray(data["image"]) * 2 - 1
   mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(params, x)
   rec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))(params, mean)
@@ -205,7 +205,7 @@ def train_reward(cfg, workdir: str, vae_params: dict) -> dict:
 def reward_report(params, cfg, reconstruct, n: int = 512) -> dict:
   """Per-pixel IoU of heatmap > 0.5 with the true masks, and the score's separation of
   defective from clean images, on held-out images and their reconstructions."""
-  data = toy_world.batch(eval_indices(n), seed=cfg.data_seed, defect_rate=0.5)
+  data = world.batch(eval_indices(n), seed=cfg.data_seed, defect_rate=0.5)
   truth, has = np.asarray(data["defect_mask"]), np.asarray(data["has_defect"])
   out = {}
   for name, images in (("data", jnp.asarray(data["image"])),
@@ -299,7 +299,7 @@ def sample_report(folder: str, cfg, *, step: int) -> dict:
   """Samples every caption `cfg.eval.seeds` times from the exported folder; the judge's rates."""
   from fnf_jax import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
   pipe = pipeline_lib.load(folder)
-  prompts = [c for c in toy_world.captions() for _ in range(cfg.eval.seeds)]
+  prompts = [c for c in world.captions() for _ in range(cfg.eval.seeds)]
   images = []
   for s in range(0, len(prompts), cfg.eval.batch_size):
     images.append(pipe.generate(prompts[s:s + cfg.eval.batch_size], seed=s,
@@ -308,8 +308,8 @@ def sample_report(folder: str, cfg, *, step: int) -> dict:
   images = np.concatenate(images)
   verdict = judge.evaluate(images, prompts)
   # Columns: the 12 captions; rows: their first (up to) 4 seeds.
-  shown = images.reshape(len(toy_world.captions()), cfg.eval.seeds, *images.shape[1:])[:, :4]
-  toy_world.save_grid(os.path.join(folder, "..", f"samples_{step:06d}.png"),
+  shown = images.reshape(len(world.captions()), cfg.eval.seeds, *images.shape[1:])[:, :4]
+  world.save_grid(os.path.join(folder, "..", f"samples_{step:06d}.png"),
                       shown.swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols=12)
   report = {"step": step, "images": len(images),
             "color_right": float(verdict["color_right"].mean()),

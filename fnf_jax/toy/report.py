@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from fnf_jax.data import toy_world
+from fnf_jax.toy import world
 
 # (key in metrics.json, column title, format); the order of the printed and HTML tables.
 COLUMNS = (
@@ -109,7 +109,7 @@ def write(folder: str, metrics: dict, out: dict, captions: list[str], logs: dict
   with open(os.path.join(folder, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   tiles, outlines, chosen = grid_images(out, rows)
-  toy_world.save_grid(os.path.join(folder, "grid.png"), tiles, cols=4, scale=4, masks=outlines)
+  world.save_grid(os.path.join(folder, "grid.png"), tiles, cols=4, scale=4, masks=outlines)
 
   history = {m: _read_jsonl(p) for m, p in logs.items()}
   curves = "".join(

@@ -1,19 +1,16 @@
-"""Flax params -> a diffusers-format Stable Diffusion folder (the reverse of models/convert.py).
+"""Flax params -> a diffusers-format Stable Diffusion folder (the reverse of `convert`).
 
     export_pipeline("toy_sd", unet_config=..., unet_params=..., vae_config=..., vae_params=...,
                     text_config=..., text_params=..., tokenizer_dir=..., scheduler_config=...)
 
-writes model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ so that the
-pretrained toy model ships as a real checkpoint: `fnf_jax.pipeline.load` reads it like any SD
-folder (the demo then runs the same code path as a real run) and diffusers'
-`StableDiffusionPipeline.from_pretrained` loads it too. No torch is needed to write it.
+writes model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ so that a model
+trained here (the toy world's, say) ships as a real checkpoint: `fnf_jax.pipeline.load` reads
+it like any SD folder and diffusers' `StableDiffusionPipeline.from_pretrained` loads it too. No
+torch is needed to write it.
 
-Key rule (inverse of `convert.flax_path`): path segments `name_N` become `name.N` (list
-indices), except genuine names that end in a digit (`linear_1`, `linear_2` of diffusers' time
-embedding); Dense kernels [in, out] -> Linear weights [out, in]; Conv kernels [kh, kw, I, O] ->
-[O, I, kh, kw]; `scale` and `embedding` -> `weight`. `flax_path` sends `linear.1` and `linear_1`
-to the same Flax name, so only GENUINE_NAMES tells them apart (diffusers' loading of the export,
-tested, guards it). Before anything is written the whole state dict goes back through
+Key rule: module paths by `convert.torch_key` (the rule the LoRA export shares); Dense kernels
+[in, out] -> Linear weights [out, in]; Conv kernels [kh, kw, I, O] -> [O, I, kh, kw]; `scale`
+and `embedding` -> `weight`. Before anything is written the whole state dict goes back through
 `convert.to_params` against the config's model: an export that would not load fails here,
 naming the parameter.
 """
@@ -21,7 +18,6 @@ naming the parameter.
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Any, Mapping
@@ -38,18 +34,9 @@ from fnf_jax.models import convert
 from fnf_jax.models import unet as unet_lib
 from fnf_jax.models import vae as vae_lib
 
-# Module names that end in _<digit> but are not list entries (diffusers' TimestepEmbedding).
-GENUINE_NAMES = ("linear_1", "linear_2")
 # Written as the version that produced the configs' conventions; diffusers reads it for
 # legacy-behaviour switches only.
 DIFFUSERS_VERSION = "0.30.0"
-_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
-
-
-def _torch_segment(name: str) -> str:
-  if name in GENUINE_NAMES:
-    return name
-  return _LIST_ENTRY.sub(r"\1.\2", name)
 
 
 def state_dict(params: Any, *, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -69,7 +56,7 @@ def state_dict(params: Any, *, dtype=np.float32) -> dict[str, np.ndarray]:
       leaf = "weight"
     elif leaf in ("scale", "embedding"):
       leaf = "weight"
-    key = ".".join([_torch_segment(p) for p in parents] + [leaf])
+    key = f"{convert.torch_key(parents)}.{leaf}" if parents else leaf
     if convert.flax_path(key)[:-1] != tuple(parents):
       raise ValueError(f"parameter {'/'.join(path)} has no PyTorch key that maps back to it "
                        f"(got {key!r}): module names may not contain '.'")

@@ -1,7 +1,7 @@
 """`toy_defect`: the toy world's learned, localized reward model (what `make demo` fine-tunes on).
 
 A small fully convolutional network that predicts, per pixel, the probability that the pixel
-belongs to a defect (the dark blotch of `fnf_jax.data.toy_world`). It is trained on the world's
+belongs to a defect (the dark blotch of the toy world, `world.py`). It is trained on the world's
 ground-truth defect masks (`fnf_jax.toy.pretrain`, stage "reward"), so it is a model with its own
 errors, like Q16 or the LAION heads, and unlike `fnf_jax.toy.judge`, which knows the rules and
 is used only to evaluate.
@@ -85,7 +85,6 @@ def score(params, images, prompt_ids=None):
   return -jnp.sum(heatmap(params, images), axis=(1, 2)) / BLOTCH_PIXELS
 
 
-@registry.register("toy_defect")
 def build(cfg) -> registry.Reward:
   return registry.Reward(name="toy_defect", score=score, heatmap=heatmap,
                          params=load(cfg.weights or DEFAULT_WEIGHTS))

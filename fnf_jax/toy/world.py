@@ -1,15 +1,15 @@
 """The toy world: 32x32 images of one coloured shape, with a known, localized defect.
 
-    ex = toy_world.example(17)                  # dict, deterministic in (seed, index)
+    ex = world.example(17)                      # dict, deterministic in (seed, index)
     ex["image"], ex["caption"]                  # [32, 32, 3] float32 in [0, 1], "a red circle"
     ex["has_defect"], ex["defect_mask"]         # bool, bool [32, 32]
 
 It lets `make demo` show Focus-N-Fix end to end on a CPU: a tiny diffusion model pretrained on
 it reproduces the defect at about the data rate, a reward model learns it from the masks, and
-`fnf_jax.toy.judge` (which knows these rules) measures it. Why the world looks like this is in
-design/TOYWORLD.md: one shape per image (two-shape prompts do not bind at CPU budgets), hard
-edges and flat light backgrounds (easy to learn and to judge), and a dark-brown, fairly uniform
-blotch on the shape: an ellipse of semi-axes 2-3.2 px clipped to the shape, 8-32 px (median 18;
+the judge (`judge.py`, which knows these rules) measures it. Why the world looks like this, from
+a feasibility study of tiny diffusion models on a 2-core CPU: one shape per image (two-shape
+prompts did not bind at CPU budgets: colours leaked between objects), hard edges and flat light
+backgrounds (easy to learn and to judge), and a dark-brown, fairly uniform blotch on the shape: an ellipse of semi-axes 2-3.2 px clipped to the shape, 8-32 px (median 18;
 lighter or smaller ones were reproduced unreliably).
 
 Plain numpy rather than a TFDS builder: no TensorFlow dependency, any example is a pure function
@@ -171,7 +171,7 @@ def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
   return path
 
 
-if __name__ == "__main__":  # python -m fnf_jax.data.toy_world OUT.png: a 4x8 sample for docs
+if __name__ == "__main__":  # python -m fnf_jax.toy.world OUT.png: a 4x8 sample for docs
   import sys
 
   data = batch(range(32))

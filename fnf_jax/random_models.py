@@ -1,13 +1,13 @@
-"""Tiny random-weight Stable-Diffusion-shaped pipelines, built in memory.
+"""Random-weight Stable-Diffusion-shaped pipelines, built in memory, for wiring runs,
+benchmarks and tests.
 
-`:runlocal` configs use them to run the whole training loop (checkpoints included) on a laptop
-CPU as a wiring check: same modules, same code paths, minutes instead of hours. The weights are
-random, so the images mean nothing.
+`:runlocal` configs (`model.path = "tiny"`) run the whole training loop (checkpoints included) on
+a laptop CPU with the TINY_* shapes: same modules, same code paths, minutes instead of hours.
+Benchmarks build SD 1.5's shapes (SD15_*) where no checkpoint is at hand, and the toy world builds
+its own model family through `build_pipeline`. The weights are random, so images mean nothing.
 """
 
 import dataclasses
-import json
-import os
 import tempfile
 from typing import Any
 
@@ -20,16 +20,20 @@ from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import schedulers
 from fnf_jax.models import clip
 from fnf_jax.models import clip_tokenizer
+from fnf_jax.models import clip_vocab
 from fnf_jax.models import unet as unet_lib
 from fnf_jax.models import vae as vae_lib
 
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-            layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-VAE = dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, layers_per_block=1,
-           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+# The wiring-run shapes: 64x64 images, 8x8 latents.
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                 layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
+                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4)
 
 # Stable Diffusion 1.5's shapes (unet/, vae/, text_encoder/ config.json), for benchmarks with
 # random weights where no checkpoint is at hand.
@@ -42,20 +46,6 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, norm
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12)
-
-
-def write_byte_tokenizer(folder: str) -> str:
-  """A merge-free CLIP tokenizer (one token per character) in vocab.json + merges.txt layout."""
-  os.makedirs(folder, exist_ok=True)
-  alphabet = clip_tokenizer.byte_alphabet()
-  tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump({t: i for i, t in enumerate(tokens)}, f)
-  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n")
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": 77, "pad_token": "<|endoftext|>"}, f)
-  return folder
 
 
 def init_params(abstract: Any, seed) -> dict:
@@ -105,11 +95,13 @@ def build_pipeline(*, unet: dict, vae: dict, text: dict, tokenizer, scheduler: s
 
 
 def random_pipeline(seed: int = 0, *, attention_impl: str = "xla", dtype: str = "float32",
-                    unet: dict = UNET, vae: dict = VAE, text: dict = TEXT,
+                    unet: dict = TINY_UNET, vae: dict = TINY_VAE, text: dict = TINY_TEXT,
                     tokenizer_dir: str | None = None) -> pipeline_lib.Pipeline:
-  """A Pipeline with randomly initialised modules of the given diffusers-style configs."""
-  tokenizer = clip_tokenizer.load(write_byte_tokenizer(
-      tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")))
+  """A Pipeline with randomly initialised modules of the given diffusers-style configs and a
+  merge-free CLIP tokenizer (one token per character, 77 positions)."""
+  folder = tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")
+  clip_vocab.write(folder)
+  tokenizer = clip_tokenizer.load(folder)
   text = dict(text, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
               eos_token_id=tokenizer.eos_token_id)
   scheduler = schedulers.DDIMConfig(beta_schedule="scaled_linear", beta_start=0.00085,

@@ -1,0 +1,36 @@
+"""The valid values of every enumerated config field, in one light module.
+
+`fnf_jax.validate` checks configs against these before anything heavy is imported (no jax
+here), and the modules that act on a field take their choices from here too, so a new value is
+added in one place.
+"""
+
+# model / reward compute dtypes; the reference cache's storage dtypes.
+DTYPES = ("float32", "bfloat16")
+CACHE_DTYPES = ("float32", "float16")
+# jax.nn.dot_product_attention implementations ("auto": let jax pick).
+ATTENTION = ("xla", "cudnn", "auto")
+
+# Prompt sources (fnf_jax/data/prompts.py) and their splits.
+PROMPT_SOURCES = ("list", "text", "parti", "i2p")
+PROMPT_SPLITS = ("train", "eval", "all")
+
+# The training step: where the gradient flows through the sampler, where Î0 comes from, M.
+GRADIENT_MODES = ("truncated", "lv", "full")
+REFERENCE_MODES = ("online", "cache")
+MASK_MODES = ("heatmap", "ones")
+# jax.checkpoint_policies for the rematerialised gradient steps (fnf_jax/sampling.py):
+# nothing_saveable keeps only each step's inputs and recomputes the UNet (least memory);
+# dots_with_no_batch_dims_saveable keeps weight-side matmul outputs; dots_saveable keeps every
+# matmul output (fastest backward, most memory).
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
+# The objective (fnf_jax/objective.py) and the heatmap -> mask chain (fnf_jax/rewards/masks.py).
+REWARD_REGIONS = ("full", "mask")
+CONSTRAINT_NORMS = ("fro", "fro_squared", "mean_squared")
+THRESHOLD_MODES = ("absolute", "quantile")
+# Saliency heatmaps of the CLIP rewards (fnf_jax/rewards/saliency.py).
+SALIENCY_METHODS = ("gradxinput", "gradcam")
+
+# Learning-rate shapes after the linear warm-up (fnf_jax/optimizer.py).
+LR_SCHEDULES = ("constant", "cosine")

@@ -1,0 +1,254 @@
+"""`validate(config)`: every choice and range of a config, checked before anything is loaded.
+
+`python -m fnf_jax.main` (and `main.run_job`) call it first: it imports nothing heavy (no jax),
+reads no model, and each message names the key, the value and the valid values, so a typo costs
+a second, not a model load and a compile. The job (`config.job`) picks the rule set: `training`
+for train / cache, `sample_job` for sample, and each plugin's own (the toy world's in its
+checks.py). What needs the devices (the batch against a mesh axis of -1) is checked
+again once the mesh exists (`check_batch`).
+"""
+
+import math
+import os
+import re
+
+from fnf_jax import choices
+from fnf_jax import jobs
+from fnf_jax.rewards import registry
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key, the value and what is valid."""
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first invalid value of `config` (its job picks the rules)."""
+  job = value(config, "job")
+  if job not in jobs.names():
+    raise ConfigError(f"config.job = {job!r} is not one of {jobs.names()}")
+  jobs.resolve(jobs.get(job).check)(config)
+
+
+# --- the checks' vocabulary -------------------------------------------------------------------
+def value(config, key: str):
+  """config.<key> for a dotted key; ConfigError naming the key when a part is missing."""
+  node, walked = config, []
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      where = "config" + "".join(f".{w}" for w in walked)
+      have = sorted(node.keys()) if hasattr(node, "keys") else []
+      raise ConfigError(f"config.{key} is missing: {where} has no field {part!r} (it has "
+                        f"{', '.join(have)}); the config file must set it")
+    node, walked = node[part], walked + [part]
+  return node
+
+
+def one_of(config, key: str, valid) -> None:
+  v = value(config, key)
+  if v not in valid:
+    raise ConfigError(f"config.{key} = {v!r} is not one of {tuple(valid)}")
+
+
+def integer(config, key: str, low: int, high: int | None = None) -> None:
+  v = value(config, key)
+  if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+    valid = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    raise ConfigError(f"config.{key} = {v!r} is not valid: it must be {valid}")
+
+
+def number(config, key: str, low: float, high: float = math.inf, *, open_low: bool = False,
+           open_high: bool = False) -> None:
+  """low <= value <= high (or < where open)."""
+  v = value(config, key)
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  ok = ok and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+  if not ok:
+    left, right = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
+    raise ConfigError(f"config.{key} = {v!r} is not valid: it must be a number in "
+                      f"{left}{low}, {high}{right}")
+
+
+def boolean(config, key: str) -> None:
+  v = value(config, key)
+  if not isinstance(v, bool):
+    raise ConfigError(f"config.{key} = {v!r} is not one of (True, False)")
+
+
+def text(config, key: str, *, nonempty: bool = False) -> None:
+  v = value(config, key)
+  if not isinstance(v, str) or (nonempty and not v):
+    raise ConfigError(f"config.{key} = {v!r} is not valid: it must be a "
+                      f"{'non-empty ' if nonempty else ''}string")
+
+
+def existing(config, key: str, *, folder: bool) -> None:
+  path = value(config, key)
+  if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+    raise ConfigError(f"config.{key} = {path!r}: no such {'folder' if folder else 'file'}")
+
+
+# --- rule sets --------------------------------------------------------------------------------
+MODEL_HELP = (
+    "config.model.path is empty. Pass a diffusers-format Stable Diffusion folder (safetensors) "
+    "with --config.model.path=/models/stable-diffusion-v1-4: download it once on a machine with "
+    "network access, e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
+    "/models/stable-diffusion-v1-4` (accept the licence first), and copy it to the VM or bucket. "
+    "For a wiring check without weights use the config's `:runlocal` variant.")
+
+
+def model(config, *, tiny_ok: bool) -> None:
+  path = value(config, "model.path")
+  if not path:
+    raise ConfigError(MODEL_HELP)
+  if not (tiny_ok and path == "tiny"):
+    existing(config, "model.path", folder=True)
+  one_of(config, "model.dtype", choices.DTYPES)
+  one_of(config, "model.attention", choices.ATTENTION)
+
+
+def prompts(config) -> None:
+  one_of(config, "prompts.source", choices.PROMPT_SOURCES)
+  if value(config, "prompts.source") == "list":
+    texts = value(config, "prompts.texts")
+    if not texts or not all(isinstance(t, str) for t in texts):
+      raise ConfigError(f"config.prompts.texts = {texts!r} is not valid: prompts.source = "
+                        "'list' needs a non-empty tuple of prompts")
+  else:
+    existing(config, "prompts.path", folder=False)
+  number(config, "prompts.eval_fraction", 0.0, 1.0, open_high=True)
+
+
+def reward(config) -> None:
+  name = value(config, "reward.name")
+  entries = registry.entries()
+  if name not in entries:
+    raise ConfigError(f"config.reward.name = {name!r} is not one of {tuple(sorted(entries))}")
+  for field in entries[name].fields:
+    value(config, f"reward.{field}")
+  fields = value(config, "reward").keys()
+  if "dtype" in fields:
+    one_of(config, "reward.dtype", choices.DTYPES)
+  if "saliency" in fields:
+    one_of(config, "reward.saliency", choices.SALIENCY_METHODS)
+  if "remat" in fields:
+    boolean(config, "reward.remat")
+  if "gradcam_sigma" in fields:
+    number(config, "reward.gradcam_sigma", 0.0)
+  if "sigma" in fields:
+    number(config, "reward.sigma", 0.0, open_low=True)
+  if "scale" in fields:
+    number(config, "reward.scale", 0.0, open_low=True)
+  if "prompt_encoder" in fields:
+    integer(config, "reward.prompt_encoder", 0, 1)
+  if "color" in fields:
+    color = value(config, "reward.color")
+    if len(color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color):
+      raise ConfigError(f"config.reward.color = {color!r} is not valid: it must be an RGB "
+                        "triple in [0, 1]")
+
+
+def mesh(config) -> None:
+  sizes = dict(value(config, "mesh"))
+  if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1)
+                      for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise ConfigError(f"config.mesh = {sizes} is not valid: axis sizes must be integers >= 1, "
+                      "with at most one -1 (all remaining devices)")
+  for logical, axes in value(config, "sharding_rules"):
+    named = axes if isinstance(axes, (tuple, list)) else (axes,)
+    unknown = [a for a in named if a is not None and a not in sizes]
+    if unknown:
+      raise ConfigError(f"config.sharding_rules maps {logical!r} to mesh axes {unknown}, which "
+                        f"config.mesh does not have; its axes are {tuple(sizes)}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  check_batch(config, known)
+
+
+def check_batch(config, devices: int) -> None:
+  """The global batch must split into whole examples over `devices` (the mesh size, or the
+  product of its fixed axes before the devices are known)."""
+  batch = value(config, "data.batch_size")
+  if batch % devices:
+    raise ConfigError(f"config.data.batch_size = {batch} is not divisible by the mesh size "
+                      f"{devices} ({dict(value(config, 'mesh'))}): each device needs whole "
+                      "examples; use a multiple of it")
+
+
+def training(config) -> None:
+  """The Focus-N-Fix / DRaFT training configs (configs/focus_n_fix.py documents every field)."""
+  integer(config, "seed", 0)
+  boolean(config, "distributed")
+  model(config, tiny_ok=True)
+  prompts(config)
+  integer(config, "data.batch_size", 1)
+  integer(config, "data.seeds_per_prompt", 1)
+  number(config, "data.min_mask_area", 0.0, 1.0)
+  integer(config, "sampling.num_steps", 1)
+  number(config, "sampling.guidance_scale", 0.0)
+  text(config, "sampling.negative_prompt")
+  number(config, "sampling.eta", 0.0, 1.0)
+  integer(config, "lora.rank", 1)
+  number(config, "lora.alpha", 0.0, open_low=True)
+  targets = value(config, "lora.targets")
+  try:
+    re.compile(targets)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f"config.lora.targets = {targets!r} is not a valid regex: {e}") from None
+  integer(config, "train.num_steps", 1)
+  one_of(config, "train.gradient", choices.GRADIENT_MODES)
+  steps = value(config, "sampling.num_steps")
+  integer(config, "train.grad_steps", 1, steps)  # K <= the sampling steps
+  integer(config, "train.lv_copies", 1)
+  one_of(config, "train.remat_policy", choices.REMAT_POLICIES)
+  one_of(config, "train.reference", choices.REFERENCE_MODES)
+  if value(config, "data.min_mask_area") > 0 and value(config, "train.reference") != "cache":
+    raise ConfigError(
+        f"config.data.min_mask_area = {value(config, 'data.min_mask_area')} selects examples by "
+        f"their cached mask: it needs config.train.reference = 'cache', not "
+        f"{value(config, 'train.reference')!r} (or min_mask_area = 0)")
+  one_of(config, "objective.mask", choices.MASK_MODES)
+  one_of(config, "objective.reward_region", choices.REWARD_REGIONS)
+  number(config, "objective.reward_weight", 0.0, open_low=True)
+  number(config, "objective.beta", 0.0)
+  one_of(config, "objective.constraint_norm", choices.CONSTRAINT_NORMS)
+  number(config, "objective.gamma", 0.0)
+  one_of(config, "mask.threshold_mode", choices.THRESHOLD_MODES)
+  if value(config, "mask.threshold_mode") == "quantile":
+    number(config, "mask.threshold", 0.0, 1.0)
+  else:
+    number(config, "mask.threshold", 0.0)
+  integer(config, "mask.dilation", 0)
+  number(config, "mask.blur", 0.0)
+  reward(config)
+  number(config, "optim.lr", 0.0, open_low=True)
+  one_of(config, "optim.schedule", choices.LR_SCHEDULES)
+  integer(config, "optim.warmup_steps", 0)
+  integer(config, "optim.decay_steps", 1)
+  number(config, "optim.b1", 0.0, 1.0, open_high=True)
+  number(config, "optim.b2", 0.0, 1.0, open_high=True)
+  number(config, "optim.weight_decay", 0.0)
+  number(config, "optim.grad_clip", 0.0, open_low=True)
+  integer(config, "optim.grad_accum", 1)
+  mesh(config)
+  integer(config, "checkpoint.every", 1)
+  integer(config, "checkpoint.keep", 1)
+  integer(config, "cache.shard_size", 1)
+  one_of(config, "cache.dtype", choices.CACHE_DTYPES)
+  integer(config, "log.every", 1)
+  integer(config, "log.image_every", 0)
+  boolean(config, "log.tensorboard")
+
+
+def sample_job(config) -> None:
+  """configs/sample.py."""
+  model(config, tiny_ok=False)
+  prompts(config)
+  one_of(config, "prompts.split", choices.PROMPT_SPLITS)
+  seeds = value(config, "seeds")
+  if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                          for s in seeds):
+    raise ConfigError(f"config.seeds = {seeds!r} is not valid: it must be a non-empty tuple of "
+                      "integers >= 0 (one image per prompt and seed)")
+  integer(config, "batch_size", 1)
+  integer(config, "sampling.num_steps", 1)
+  number(config, "sampling.guidance_scale", 0.0)
+  text(config, "sampling.negative_prompt")
