@@ -30,6 +30,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.35,<0.43",
             "transformers>=4.50,<6",
+            "peft>=0.14,<0.20",  # diffusers' load_lora_adapter, for the LoRA export's test
             "pytest>=8,<10",
             "pytest-xdist>=3,<4",
         ],

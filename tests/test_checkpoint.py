@@ -188,7 +188,8 @@ def test_export_lora_safetensors_layout(tmp_path):
 
 
 def test_export_loads_into_diffusers_unet(tmp_path):
-  """Optional: diffusers + peft read the file into a tiny UNet with the right scale."""
+  """diffusers + peft (both in the test extra) read the file into a tiny UNet with the right
+  scale."""
   pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
