@@ -114,8 +114,18 @@ class Pipeline:
     ids = jnp.asarray([height, width, 0, 0, height, width], jnp.float32)
     return jnp.broadcast_to(ids, (batch, 6))
 
-  def unet_model(self, unet_params: dict):
-    """model(x, t, cond) for `sampling.guided`: cond is the dict from `encode_prompts`."""
+  def zeroes_uncond(self, negative_prompts: Sequence[str]) -> bool:
+    """Whether the unconditional branch is zeros rather than the negative prompts' embeddings:
+    SDXL checkpoints with force_zeros_for_empty_prompt do so for empty negative prompts, as
+    diffusers does when no negative prompt is given."""
+    return bool(self.is_sdxl and self.force_zeros_for_empty_prompt
+                and all(not n for n in negative_prompts))
+
+  def unet_model(self, unet_params: dict, lora: dict | None = None):
+    """model(x, t, cond) for `sampling.guided`: cond is the dict from `encode_prompts`; `lora`
+    is a "lora" variable collection (`fnf_jax.models.lora.collection`) applied beside the
+    frozen kernels, or None."""
+    variables = {"params": unet_params} if lora is None else {"params": unet_params, "lora": lora}
 
     def model(x, t, cond):
       added = None
@@ -124,14 +134,14 @@ class Pipeline:
         added = {"text_embeds": cond["text_embeds"],
                  "time_ids": self.sdxl_time_ids(x.shape[0], height, width)}
       t = jnp.broadcast_to(t, (x.shape[0],))
-      return self.unet.apply({"params": unet_params}, x, t, cond["context"], added_cond=added)
+      return self.unet.apply(variables, x, t, cond["context"], added_cond=added)
 
     return model
 
-  def denoiser(self, unet_params: dict, cond: dict, uncond: dict | None,
-               guidance_scale) -> sampling.Denoiser:
+  def denoiser(self, unet_params: dict, cond: dict, uncond: dict | None, guidance_scale,
+               lora: dict | None = None) -> sampling.Denoiser:
     """The guided UNet output for (x, t), as `sampling.sample` takes it."""
-    return sampling.guided(self.unet_model(unet_params), cond, uncond, guidance_scale)
+    return sampling.guided(self.unet_model(unet_params, lora), cond, uncond, guidance_scale)
 
   def decode(self, vae_params: dict, latents: jax.Array) -> jax.Array:
     """Latents [B, h, w, C] -> images [B, H, W, 3] in [0, 1] (float32)."""
@@ -175,8 +185,7 @@ class Pipeline:
     if eta > 0:
       noise = jax.random.normal(key_noise, (num_inference_steps,) + latents.shape, jnp.float32)
     do_cfg = guidance_scale > 1.0
-    zero_uncond = bool(self.is_sdxl and self.force_zeros_for_empty_prompt
-                       and all(not n for n in negative))
+    zero_uncond = self.zeroes_uncond(negative)
     images = _generate_jit(self, self.params, jnp.asarray(self.tokenize(prompts)),
                            jnp.asarray(self.tokenize(negative)), latents, noise,
                            jnp.float32(guidance_scale), num_inference_steps, do_cfg,

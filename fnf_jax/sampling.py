@@ -60,8 +60,8 @@ def _step_fn(denoise: Denoiser, cfg: schedulers.DDIMConfig, num_steps: int, eta:
 
 def sample(denoise: Denoiser, x_T: jax.Array, cfg: schedulers.DDIMConfig, *, num_steps: int,
            eta: float = 0.0, noise: jax.Array | None = None, grad_steps: int = 0,
-           remat_policy: str = "nothing_saveable",
-           aux_fn: AuxFn | None = None) -> tuple[jax.Array, jax.Array | None]:
+           remat_policy: str = "nothing_saveable", aux_fn: AuxFn | None = None,
+           prefix_denoise: Denoiser | None = None) -> tuple[jax.Array, jax.Array | None]:
   """Runs DDIM from x_T; returns (x_0 latents, mean of aux_fn over the gradient steps or None).
 
   Args:
@@ -77,6 +77,9 @@ def sample(denoise: Denoiser, x_T: jax.Array, cfg: schedulers.DDIMConfig, *, num
     remat_policy: a key of REMAT_POLICIES, for the gradient steps.
     aux_fn: (x_t, t, model_output) -> [B], evaluated on the gradient steps only (e.g. the
       latent ε-difference term); its mean over those steps is returned.
+    prefix_denoise: the same model for the S − K steps without gradient, built from
+      stop-gradient parameters (default: `denoise`), so that those steps keep nothing for the
+      backward pass without relying on dead-code elimination.
   """
   if not 0 <= grad_steps <= num_steps:
     raise ValueError(f"grad_steps (K) must be in [0, {num_steps}], got {grad_steps}")
@@ -88,7 +91,8 @@ def sample(denoise: Denoiser, x_T: jax.Array, cfg: schedulers.DDIMConfig, *, num
   x, aux = x_T, None
   split = num_steps - grad_steps
   if split > 0:
-    x, _ = jax.lax.scan(_step_fn(denoise, cfg, num_steps, eta), x, (ts[:split], noise[:split]))
+    x, _ = jax.lax.scan(_step_fn(prefix_denoise or denoise, cfg, num_steps, eta), x,
+                        (ts[:split], noise[:split]))
     x = jax.lax.stop_gradient(x)
   if grad_steps > 0:
     if remat_policy not in REMAT_POLICIES:

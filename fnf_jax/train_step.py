@@ -52,13 +52,15 @@ class Sampler:
   grad_steps: int  # K of "truncated"
   lv_copies: int
   remat_policy: str
+  zero_uncond: bool  # SDXL's zeroed unconditional branch for an empty negative prompt
 
   @classmethod
-  def from_config(cls, config) -> "Sampler":
+  def from_config(cls, config, pipe) -> "Sampler":
     s, t = config.sampling, config.train
     return cls(num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale,
                gradient=t.gradient, grad_steps=t.grad_steps, lv_copies=t.lv_copies,
-               remat_policy=t.remat_policy)
+               remat_policy=t.remat_policy,
+               zero_uncond=pipe.zeroes_uncond([s.negative_prompt]))
 
   @property
   def k(self) -> int:
@@ -73,22 +75,27 @@ class Sampler:
 
 # --- sampling ---------------------------------------------------------------------------------
 def conditioning(pipe, s: Sampler, frozen, batch):
-  return pipe.conditioning(frozen, batch["ids"], batch["neg_ids"], guided=s.guidance_scale > 1)
+  """(cond, uncond) as `Pipeline.generate` builds them (so Î0 is the image generate makes)."""
+  return pipe.conditioning(frozen, batch["ids"], batch["neg_ids"], guided=s.guidance_scale > 1,
+                           zero_uncond=s.zero_uncond)
 
 
-def denoiser(pipe, s: Sampler, unet_params, cond_uncond, copies: int = 1):
+def denoiser(pipe, s: Sampler, unet_params, cond_uncond, copies: int = 1, lora=None):
+  """The guided UNet; `lora` a "lora" collection applied beside the frozen kernels, or None."""
   cond, uncond = cond_uncond
   if copies > 1:  # the same prompts for each re-noised copy (copy-major batch)
     tile = lambda c: jax.tree.map(lambda x: jnp.concatenate([x] * copies, axis=0), c)
     cond, uncond = tile(cond), tile(uncond)
-  return pipe.denoiser(unet_params, cond, uncond, s.guidance_scale)
+  return pipe.denoiser(unet_params, cond, uncond, s.guidance_scale, lora=lora)
 
 
-def sample(pipe, s: Sampler, denoise, batch, *, grad_steps: int, aux_fn=None):
+def sample(pipe, s: Sampler, denoise, batch, *, grad_steps: int, aux_fn=None,
+           prefix_denoise=None):
   """(x_0 latents, aux mean) of DDIM from the batch's x_T and sampler noise."""
   return sampling.sample(denoise, batch["x_T"], pipe.scheduler, num_steps=s.num_steps,
                          eta=s.eta, noise=batch.get("noise"), grad_steps=grad_steps,
-                         remat_policy=s.remat_policy, aux_fn=aux_fn)
+                         remat_policy=s.remat_policy, aux_fn=aux_fn,
+                         prefix_denoise=prefix_denoise)
 
 
 def reference(pipe, reward: registry.Reward, s: Sampler, mask_cfg, frozen,
@@ -108,8 +115,10 @@ def reference(pipe, reward: registry.Reward, s: Sampler, mask_cfg, frozen,
 
 def generate(pipe, s: Sampler, gamma: float, lora_scale: float, lora, frozen, batch, rng, mask):
   """Î with gradients w.r.t. the LoRA params, and the latent-term aux (None when gamma = 0)."""
-  unet_params = lora_lib.merge(frozen["unet"], lora, scale=lora_scale)
+  added = lora_lib.collection(lora, lora_scale)
   cond = conditioning(pipe, s, frozen, batch)  # encoded once, shared by every denoiser
+  # The no-gradient steps see the LoRA as constants: nothing of theirs is kept for the backward.
+  prefix = denoiser(pipe, s, frozen["unet"], cond, lora=jax.lax.stop_gradient(added))
   copies = s.copies
   aux_fn = None
   if gamma > 0:
@@ -117,21 +126,21 @@ def generate(pipe, s: Sampler, gamma: float, lora_scale: float, lora, frozen, ba
     m = jnp.concatenate([objective.latent_mask(mask, batch["x_T"].shape[1:3])] * copies, 0)
     aux_fn = lambda x, tt, out: objective.latent_difference(
         out, jax.lax.stop_gradient(base(x, tt)), m)
-  denoise = denoiser(pipe, s, unet_params, cond)
   if s.gradient == "lv":
-    x0, aux = sampling.sample_lv(denoise, denoiser(pipe, s, unet_params, cond, copies),
+    x0, aux = sampling.sample_lv(prefix, denoiser(pipe, s, frozen["unet"], cond, copies, added),
                                  batch["x_T"], pipe.scheduler, num_steps=s.num_steps,
                                  copies=copies, rng=rng, eta=s.eta, noise=batch.get("noise"),
                                  remat_policy=s.remat_policy, aux_fn=aux_fn)
   else:
-    x0, aux = sample(pipe, s, denoise, batch, grad_steps=s.k, aux_fn=aux_fn)
+    x0, aux = sample(pipe, s, denoiser(pipe, s, frozen["unet"], cond, lora=added), batch,
+                     grad_steps=s.k, aux_fn=aux_fn, prefix_denoise=prefix)
   return pipe.decode(frozen["vae"], x0), aux
 
 
 def eval_images(pipe, s: Sampler, lora_scale: float, lora, frozen, batch) -> jax.Array:
   """Î of the LoRA model (no gradient), for image panels and evaluation."""
-  unet_params = lora_lib.merge(frozen["unet"], lora, scale=lora_scale)
-  denoise = denoiser(pipe, s, unet_params, conditioning(pipe, s, frozen, batch))
+  denoise = denoiser(pipe, s, frozen["unet"], conditioning(pipe, s, frozen, batch),
+                     lora=lora_lib.collection(lora, lora_scale))
   x0, _ = sample(pipe, s, denoise, batch, grad_steps=0)
   return pipe.decode(frozen["vae"], x0)
 
@@ -190,7 +199,7 @@ class Step(NamedTuple):
 
 def build(pipe, reward: registry.Reward, config) -> Step:
   """The step of `config` (validated by fnf_jax.validate) for this pipeline and reward."""
-  s = Sampler.from_config(config)
+  s = Sampler.from_config(config, pipe)
   tx = optimizer_lib.optimizer(config.optim)
   lora_scale = lora_lib.scale(config.lora.rank, config.lora.alpha)
   reference_fn = functools.partial(reference, pipe, reward, s, config.mask)

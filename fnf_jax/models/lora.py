@@ -1,9 +1,12 @@
-"""LoRA on a frozen parameter tree: W' = W + (alpha / r) · A @ B for the kernels a regex selects.
+"""LoRA on a frozen parameter tree: y = x·W + (alpha / r) · (x·A)·B for the kernels a regex
+selects.
 
 The trainable tree mirrors the base tree but holds only the targeted layers, each as
-{"lora_a": [in, r], "lora_b": [r, out]}. B starts at zero, so step 0 reproduces the base model
-exactly. `merge` builds new arrays only for the targeted kernels; everything else is the base
-array itself (no copy), which is all the merge needs.
+{"lora_a": [in, r], "lora_b": [r, out]} (float32). B starts at zero, so step 0 reproduces the
+base model exactly. The model applies it beside the frozen kernel: `collection` turns it into
+the "lora" variable collection that `fnf_jax.models.layers.Dense` reads
+(`module.apply({"params": base, "lora": collection(lora, scale)}, ...)`), so the update is never
+rounded into a bfloat16 kernel. `merge` (W + s·A·B in the kernel) is for exports and checks.
 """
 
 import re
@@ -57,6 +60,14 @@ def merge(base_params: Any, lora_params: dict, *, scale: float) -> Any:
     delta = lora[path] @ lora[layer + ("lora_b",)]
     merged[layer + ("kernel",)] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
   return traverse_util.unflatten_dict(merged)
+
+
+def collection(lora_params: dict, scale: float) -> dict:
+  """The "lora" variable collection of `lora_params`: the same tree with alpha / r folded into B
+  (so the Dense layers need no scale of their own)."""
+  flat = traverse_util.flatten_dict(lora_params)
+  return traverse_util.unflatten_dict(
+      {path: value * scale if path[-1] == "lora_b" else value for path, value in flat.items()})
 
 
 def scale(rank: int, alpha: float) -> float:
