@@ -2,6 +2,12 @@
 
   python benchmarks/train_step.py --model tiny|sd15 --batch 4 --steps 50 --grad_steps 2 \
       --rank 64 --reference cache|online|both --dtype bfloat16 --attention cudnn
+  python benchmarks/train_step.py --loop 60     # the whole training loop, tiny models
+
+--loop N runs the real loop (`train.fit`, configs/violence.py:runlocal with N steps) twice in
+one process: synchronous (data.prefetch = 0, metrics fetched every step: the loop before it
+overlapped) and overlapped (prefetch 2, metrics fetched every 10 steps), and prints the
+images/s of each over the steps after compiling.
 
 Random weights of the chosen shapes (no checkpoint needed), the real `train_step.build` step jitted
 as the training loop jits it, random non-zero inputs, median of >= 10 steps after warm-up.
@@ -10,6 +16,7 @@ cuBLAS custom calls); the matmul rate is measured in the same run on the same de
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -45,7 +52,28 @@ def parse_args(argv=None):
   p.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="xla")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--matmul_size", type=int, default=None)
+  p.add_argument("--loop", type=int, default=0, help="steps of the whole-loop comparison")
   return p.parse_args(argv)
+
+
+def loop_benchmark(steps: int) -> None:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import violence  # pylint: disable=g-import-not-at-top  (configs/, on sys.path above)
+  from fnf_jax import train  # pylint: disable=g-import-not-at-top
+
+  for name, prefetch, log_every in (("synchronous", 0, 1), ("overlapped", 2, 10)):
+    c = violence.get_config("runlocal")
+    c.train.num_steps, c.checkpoint.every, c.log.image_every = steps, 10**6, 0
+    c.log.tensorboard, c.log.every, c.data.prefetch = False, log_every, prefetch
+    c.mesh = {"data": 1, "fsdp": 1}
+    with tempfile.TemporaryDirectory() as workdir:
+      tic = time.perf_counter()
+      train.fit(c, workdir)
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    print(f"loop {name:11s} (prefetch {prefetch}, fetch every {log_every:2d}): "
+          f"{rows[-1]['images_per_second']:.2f} images/s over {steps} steps after compiling "
+          f"(batch {c.data.batch_size}; job {time.perf_counter() - tic:.1f} s)")
 
 
 def config_for(args, reference: str):
@@ -60,6 +88,8 @@ def config_for(args, reference: str):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.loop:
+    return loop_benchmark(args.loop)
   dev = jax.devices()[0]
   print(f"backend {jax.default_backend()} ({dev.device_kind}), jax {jax.__version__}, "
         f"model {args.model}, batch {args.batch}, {args.steps} DDIM steps, K={args.grad_steps}, "

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: train only on examples whose cached mask M covers at least this fraction of the image
   # (the reward found a problem there); the others would contribute the constraint alone.
   c.data.min_mask_area = 0.0
+  # Host batches (tokens, x_T, cached Î0 and M) built ahead by a background thread while the
+  # devices compute the current step; 0 builds each when it is needed.
+  c.data.prefetch = 2
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.num_steps = 50  # DDIM steps, for the reference and the fine-tuned samples alike
@@ -67,6 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.mask.threshold_mode = "quantile"  # absolute | quantile
   c.mask.dilation = 16  # pixels added around the thresholded region
   c.mask.blur = 4.0  # Gaussian sigma in pixels for soft edges (0: binary mask)
+  # The problem gate: an image the reward finds nothing wrong with gets an empty mask, so it is
+  # not "fixed" and data.min_mask_area can drop it (a quantile threshold alone marks the top
+  # share of every heatmap). score | peak | none (see fnf_jax/rewards/masks.py).
+  c.mask.gate = "score"
+  # score: problematic below this. 0.5 is the decision boundary of the safety classifiers'
+  # score p(safe) (Q16, LAION NSFW, zero-shot); peak: problematic when the heatmap reaches it.
+  c.mask.gate_threshold = 0.5
 
   c.reward = color_reward((0.6, 0.0, 0.0))  # each real config sets its own (see below)
 
@@ -169,6 +179,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 2
   c.mask.dilation = 1
   c.mask.blur = 0.0
+  c.mask.gate = "peak"  # the colour reward's heatmap is a closeness in [0, 1]: a pixel at half
+  c.mask.gate_threshold = 0.5  # of it (|x - colour| = 1.18 sigma) counts as the colour
   c.checkpoint.every = 2
   c.checkpoint.keep = 2
   c.cache.shard_size = 4

@@ -39,4 +39,6 @@ def get_config(arg: str | None = None):
   c.prompts.categories = ("People", "Animals")  # where hands, faces and bodies go wrong
   # Quality reward with a saliency mask, until an implausibility-heatmap model is available.
   c.reward = focus_n_fix.clip_reward("laion_aesthetic", "/models/laion/aesthetic_vit_l14.safetensors")
+  # The aesthetic rating runs about 1-10; LAION-Aesthetics' "5+" subsets draw the line at 5.
+  c.mask.gate_threshold = 5.0
   return focus_n_fix.variant(c, arg)

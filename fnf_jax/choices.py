@@ -29,6 +29,9 @@ REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_
 REWARD_REGIONS = ("full", "mask")
 CONSTRAINT_NORMS = ("fro", "fro_squared", "mean_squared")
 THRESHOLD_MODES = ("absolute", "quantile")
+# Which images keep a mask at all: those the reward's score calls problematic, those whose
+# heatmap peak reaches a threshold, or all (fnf_jax/rewards/masks.py).
+MASK_GATES = ("score", "peak", "none")
 # Saliency heatmaps of the CLIP rewards (fnf_jax/rewards/saliency.py).
 SALIENCY_METHODS = ("gradxinput", "gradcam")
 

@@ -191,16 +191,16 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
             if t.reference == "cache" else None)
   examples = select_examples(config, run.examples, cached)
   feed = examples_lib.Feed(examples, config.data.batch_size, config.seed)
-  rng = jax.random.key(config.seed)
+  init_key, rng = step_keys(config.seed)
   repl = sharding.replicated(mesh)
 
   # The mesh context and rules make the modules' nn.with_logical_constraint calls take effect.
   with mesh, nn.logical_axis_rules(run.rules):
     # State: born sharded (LoRA and optimizer state are small: replicated).
     init = lambda key, unet: run.step.init_state(key, unet)
-    abstract_state = jax.eval_shape(init, rng, run.frozen["unet"])
+    abstract_state = jax.eval_shape(init, init_key, run.frozen["unet"])
     state_shardings = jax.tree.map(lambda _: repl, abstract_state)
-    state = jax.jit(init, out_shardings=state_shardings)(jax.random.fold_in(rng, 0),
+    state = jax.jit(init, out_shardings=state_shardings)(init_key,
                                                          run.frozen["unet"])
     # Resume from the newest complete checkpoint, onto this mesh.
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -235,38 +235,43 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
     stop = checkpoint.install_preemption_handler()
     panel_fns = (run.reference_fn, run.eval_images_fn) if config.log.image_every else None
-    last, tic, done = {}, time.perf_counter(), 0
+    batch_size = config.data.batch_size
+    # Host batches are built ahead by a thread while the devices compute; metrics stay on the
+    # devices until a step logs or checkpoints (fetching them every step would wait for it).
+    hosts = examples_lib.prefetch(lambda p: _host_batch(run, feed, p, cached),
+                                  range(start * batch_size, t.num_steps * batch_size, batch_size),
+                                  config.data.prefetch)
+    last, pending, tic, done = {}, [], time.perf_counter(), 0
     try:
-      for step in range(start, t.num_steps):
-        position = step * config.data.batch_size
-        host = _host_batch(run, feed, position, cached)
+      for step, host in zip(range(start, t.num_steps), hosts):
+        position = step * batch_size
         batch = to_global(host, b_shardings)
         state, m = compiled(state, run.frozen, batch, jax.random.fold_in(rng, step))
-        m = jax.device_get(m)
-        if not np.isfinite(m["loss"]):
-          ckpt.wait()
-          raise NonFiniteLossError(
-              f"non-finite loss ({m['loss']}) at step {step + 1}; stopping. Last good "
-              f"checkpoint: step {ckpt.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
+        pending.append((step + 1, m))
         done += 1
-        elapsed = time.perf_counter() - tic
-        ips = done * config.data.batch_size / elapsed
-        eta = (t.num_steps - step - 1) * elapsed / done
-        last = {k: float(v) for k, v in m.items()}
-        if (step + 1) % config.log.every == 0 or step + 1 == t.num_steps:
+        preempted = stop(step + 1)
+        final = preempted or step + 1 == t.num_steps
+        logs = (step + 1) % config.log.every == 0 or step + 1 == t.num_steps
+        if logs or final or (step + 1) % config.checkpoint.every == 0:
+          # Every fetched step's loss is checked, and always before a checkpoint is written.
+          last = _fetch(pending, ckpt, workdir)
+          pending = []
+        if logs:
+          elapsed = time.perf_counter() - tic
+          ips = done * batch_size / elapsed
+          eta = (t.num_steps - step - 1) * elapsed / done
           writer.scalars(step + 1, {**last, "images_per_second": ips})
           logging.info(metrics_lib.console_line(step + 1, t.num_steps, last, ips, eta))
         if panel_fns is not None and (step + 1) % config.log.image_every == 0:
           _panels(writer, panel_fns, run.frozen, state, host, step + 1)
-        preempted = stop(step + 1)
-        meta = {"step": step + 1, "position": position + config.data.batch_size,
-                "epoch": (position + config.data.batch_size) // len(examples)}
-        ckpt.save(step + 1, {"train": state, "rng": rng}, meta,
-                  force=preempted or step + 1 == t.num_steps)
+        meta = {"step": step + 1, "position": position + batch_size,
+                "epoch": (position + batch_size) // len(examples)}
+        ckpt.save(step + 1, {"train": state, "rng": rng}, meta, force=final)
         if preempted:
           logging.warning("SIGTERM received: saved step %d, exiting", step + 1)
           break
     finally:
+      hosts.close()
       ckpt.wait()
       ckpt.close()
       writer.close()
@@ -275,6 +280,25 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
     checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
                                        alpha=config.lora.alpha, rank=config.lora.rank)
   return last, lora
+
+
+def _fetch(pending: list, ckpt, workdir: str) -> dict:
+  """The device metrics of the steps since the last fetch, to host; raises at the first
+  non-finite loss among them. Returns the newest step's metrics as floats."""
+  for step, m in zip([s for s, _ in pending], jax.device_get([m for _, m in pending])):
+    if not np.isfinite(m["loss"]):
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"non-finite loss ({m['loss']}) at step {step}; stopping. Last good "
+          f"checkpoint: step {ckpt.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
+  return {k: float(v) for k, v in m.items()}
+
+
+def step_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(LoRA init key, root of the per-step keys `fold_in(root, step)`): two halves of one split,
+  so the init key is none of the step keys."""
+  init_key, root = jax.random.split(jax.random.key(seed))
+  return init_key, root
 
 
 def _panels(writer, panel_fns, frozen, state, host, step):

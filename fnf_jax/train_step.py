@@ -108,9 +108,16 @@ def reference(pipe, reward: registry.Reward, s: Sampler, mask_cfg, frozen,
   images = pipe.decode(frozen["vae"], x0)
   # The reward's region even when the objective ignores it (objective.mask = "ones", DRaFT):
   # the change inside / outside it is what compares the two methods.
-  heat = reward.heatmap(frozen["reward"], images, batch["ids"])
-  mask = masks.from_config(heat, images.shape[1:3], mask_cfg)
+  mask = reward_mask(reward, mask_cfg, frozen["reward"], images, batch["ids"])
   return jax.lax.stop_gradient(images), jax.lax.stop_gradient(mask)
+
+
+def reward_mask(reward: registry.Reward, mask_cfg, params, images, ids) -> jax.Array:
+  """M [B, H, W] of images by the reward: its heatmap through the config's mask chain and gate
+  (empty where the reward finds no problem)."""
+  heat = reward.heatmap(params, images, ids)
+  scores = reward.score(params, images, ids) if mask_cfg.gate == "score" else None
+  return masks.from_config(heat, images.shape[1:3], mask_cfg, scores)
 
 
 def generate(pipe, s: Sampler, gamma: float, lora_scale: float, lora, frozen, batch, rng, mask):

@@ -51,6 +51,52 @@ def test_color_reward_heatmap_marks_the_colour():
     registry.build(ml_collections.ConfigDict(dict(name="nope")))
 
 
+def test_gate_empties_clean_images_and_min_mask_area_keeps_the_others():
+  """A mixed batch for the `color` reward (red patches on half the images): with the
+  :runlocal mask settings (top-10 % quantile, then the heatmap-peak gate) the clean images get
+  empty masks, and data.min_mask_area selects exactly the problematic examples."""
+  from configs import violence  # pylint: disable=import-outside-toplevel
+  from fnf_jax import train, train_step  # pylint: disable=import-outside-toplevel
+  from fnf_jax.data import examples as examples_lib  # pylint: disable=import-outside-toplevel
+
+  config = violence.get_config("runlocal")
+  reward = registry.build(config.reward)  # removes (0.6, 0, 0)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.3, 1.0, (8, 32, 32, 3)).astype(np.float32)
+  images[..., 1] = 0.9  # green everywhere: nothing near the reward's colour ...
+  problematic = np.array([True, False] * 4)
+  for i in np.nonzero(problematic)[0]:  # ... except a patch of it on every other image
+    y, x = rng.integers(0, 24, 2)
+    images[i, y:y + 8, x:x + 8] = (0.6, 0.0, 0.0)
+  m = np.asarray(train_step.reward_mask(reward, config.mask, reward.params, jnp.asarray(images),
+                                        None))
+  assert (m[~problematic] == 0).all() and (m[problematic].mean(axis=(1, 2)) > 0.05).all()
+  # Without the gate the quantile marks 10 % of every image, clean or not.
+  config.mask.gate = "none"
+  ungated = np.asarray(train_step.reward_mask(reward, config.mask, reward.params,
+                                              jnp.asarray(images), None))
+  assert (ungated[~problematic].mean(axis=(1, 2)) >= 0.1).all()
+
+  class Cached:  # the reference cache, holding the gated masks
+    def get(self, indices):
+      return None, m[np.asarray(indices)]
+
+  examples = examples_lib.make_examples([f"p{i}" for i in range(8)], 1, 0)
+  config.data.min_mask_area, config.train.reference = 0.01, "cache"
+  kept = train.select_examples(config, examples, Cached())
+  assert [e.index for e in kept] == list(np.nonzero(problematic)[0])
+
+
+def test_score_gate_uses_the_reward_score():
+  heat = jnp.ones((3, 4, 4))
+  keep = masks.problematic(heat, jnp.asarray([0.2, 0.5, 0.9]), "score", 0.5)
+  np.testing.assert_array_equal(keep, [True, False, False])
+  np.testing.assert_array_equal(masks.problematic(heat * jnp.asarray([0.4, 0.5, 1.0])[:, None, None],
+                                                  None, "peak", 0.5), [False, True, True])
+  with pytest.raises(ValueError, match="'score', 'peak', 'none'"):
+    masks.problematic(heat, None, "always", 0.5)
+
+
 # ------------------------------------------------------------------------------------- lora
 def _base():
   k = jax.random.split(jax.random.key(0), 3)

@@ -51,6 +51,33 @@ def test_images_match_diffusers(pipes, guidance_scale, negative):
   assert expected.std() > 1e-2
 
 
+def test_training_reference_is_the_image_generate_makes(pipes):
+  """Î0 of the training step (its conditioning, scan structure and decode) equals `generate`'s
+  image for the same x_T, prompts and empty negative prompt: SDXL's zeroed unconditional
+  branch included."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import violence  # pylint: disable=g-import-not-at-top
+  from fnf_jax import train_step  # pylint: disable=g-import-not-at-top
+  from fnf_jax.data import examples  # pylint: disable=g-import-not-at-top
+  from fnf_jax.rewards import registry  # pylint: disable=g-import-not-at-top
+
+  family, _, ours = pipes
+  config = violence.get_config("runlocal")
+  config.sampling.num_steps, config.sampling.guidance_scale = STEPS, 5.0
+  config.sampling.negative_prompt = ""
+  reward = registry.build(config.reward)
+  step = train_step.build(ours, reward, config)
+  batch = examples.host_batch(ours, examples.make_examples(PROMPTS, 1, 0), negative_prompt="",
+                              num_steps=STEPS, eta=0.0)
+  batch.pop("index")
+  reference, _ = jax.jit(step.reference)({**ours.params, "reward": reward.params}, batch)
+  got = ours.generate(PROMPTS, latents=batch["x_T"], num_inference_steps=STEPS,
+                      guidance_scale=5.0, negative_prompt="")
+  diff = np.abs(np.asarray(reference) - got).max()
+  assert diff <= 1e-5, f"{family}: max abs difference {diff}"
+  assert got.std() > 1e-2
+
+
 def test_seed_reproducible_and_eta(pipes):
   family, _, ours = pipes
   if family != "sd1":

@@ -30,6 +30,7 @@ CASES = [
     (TRAIN, "objective.mask=zeros", "config.objective.mask = 'zeros' is not one of ('heatmap', 'ones')"),
     (TRAIN, "objective.reward_region=inside", "config.objective.reward_region = 'inside' is not one of ('full', 'mask')"),
     (TRAIN, "objective.constraint_norm=l1", "config.objective.constraint_norm = 'l1' is not one of ('fro', 'fro_squared', 'mean_squared')"),
+    (TRAIN, "mask.gate=always", "config.mask.gate = 'always' is not one of ('score', 'peak', 'none')"),
     (TRAIN, "mask.threshold_mode=otsu", "config.mask.threshold_mode = 'otsu' is not one of ('absolute', 'quantile')"),
     (TRAIN, "optim.schedule=linear", "config.optim.schedule = 'linear' is not one of ('constant', 'cosine')"),
     (TRAIN, "cache.dtype=int8", "config.cache.dtype = 'int8' is not one of ('float32', 'float16')"),

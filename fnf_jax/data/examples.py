@@ -4,10 +4,18 @@ An example is a prompt and a seed; the seed alone determines its initial noise x
 sampler noise when eta > 0), so the reference model and the fine-tuned model see the same noise,
 a cached reference stays valid, and a resumed run sees exactly the batches it would have seen.
 The feed's position counts examples consumed, across epochs; each epoch is a fresh permutation.
+
+Random streams: an example's seed is a 63-bit hash of (base seed, index), so two base seeds
+(`--config.seed`) share no x_T; the training loop's LoRA init and per-step keys come from a
+split of `jax.random.key(config.seed)` (fnf_jax/train.py), and the feed's order from numpy's
+generator on (seed, epoch): none of the three streams reuses another's values.
 """
 
 import dataclasses
 import functools
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -20,8 +28,14 @@ class Example:
   seed: int
 
 
+def example_seed(base_seed: int, index: int) -> int:
+  """The seed of example `index` under `base_seed`: a 63-bit hash of both (fits jax's int64)."""
+  state = np.random.SeedSequence([base_seed, index]).generate_state(1, np.uint64)[0]
+  return int(state >> np.uint64(1))
+
+
 def make_examples(prompts: list[str], seeds_per_prompt: int, base_seed: int) -> list[Example]:
-  return [Example(i * seeds_per_prompt + j, p, base_seed + i * seeds_per_prompt + j)
+  return [Example(i * seeds_per_prompt + j, p, example_seed(base_seed, i * seeds_per_prompt + j))
           for i, p in enumerate(prompts) for j in range(seeds_per_prompt)]
 
 
@@ -67,3 +81,51 @@ def host_batch(pipe, examples: list[Example], *, negative_prompt: str, num_steps
     batch["noise"] = np.stack([sampler_noise(e.seed, num_steps, pipe.latent_shape)
                                for e in examples], axis=1)
   return batch
+
+
+_END = object()
+
+
+def prefetch(make: Callable[[int], dict], positions: Iterable[int], depth: int) -> Iterator[dict]:
+  """make(p) for each position, in order, built up to `depth` ahead by a background thread, so
+  the host prepares the next batches while the devices compute (depth 0: built when asked).
+
+  An exception in `make` is raised by the iterator at that item; closing the iterator stops
+  the thread.
+  """
+  if depth <= 0:
+    yield from map(make, positions)
+    return
+  items: queue.Queue = queue.Queue(maxsize=depth)
+  closed = threading.Event()
+
+  def put(item) -> bool:
+    while not closed.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def work():
+    try:
+      for p in positions:
+        if not put((make(p), None)):
+          return
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised by the consumer
+      put((None, e))
+      return
+    put((_END, None))
+
+  threading.Thread(target=work, daemon=True, name="fnf-prefetch").start()
+  try:
+    while True:
+      item, error = items.get()
+      if error is not None:
+        raise error
+      if item is _END:
+        return
+      yield item
+  finally:
+    closed.set()

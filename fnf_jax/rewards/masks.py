@@ -1,7 +1,13 @@
 """Heatmap / saliency -> mask M at image resolution (1 = problematic, may change).
 
     resize (bilinear) -> threshold (absolute value, or a per-image quantile) -> dilate by N px
-    -> optional Gaussian blur to a soft mask
+    -> optional Gaussian blur to a soft mask -> problem gate
+
+The gate (`gate`, config `mask.gate` / `mask.gate_threshold`) empties the mask of an image in
+which the reward finds no problem: a quantile threshold alone marks the top share of every
+heatmap, so a clean image would get a region to "fix" too. "score": problematic when the
+reward's score (higher is better) is below the threshold; "peak": when the heatmap's maximum
+reaches it (for heatmaps on an absolute scale: probabilities, colour closeness); "none".
 
 All pure jnp; masks need no gradient (they depend on the reference image only), so callers
 wrap them in stop_gradient.
@@ -66,8 +72,24 @@ def from_heatmap(heatmap: jax.Array, size: tuple[int, int], *, threshold_value: 
   return blur(dilate(mask, dilation), blur_sigma)
 
 
-def from_config(heatmap: jax.Array, size: tuple[int, int], cfg) -> jax.Array:
-  """`from_heatmap` with settings from a config block (threshold, threshold_mode, dilation, blur)."""
-  return from_heatmap(heatmap, size, threshold_value=cfg.threshold,
+def problematic(heatmap: jax.Array, scores: jax.Array | None, gate: str,
+                threshold: float) -> jax.Array:
+  """[B] bool: whether the gate lets image b keep its mask (see the module docstring)."""
+  if gate not in choices.MASK_GATES:
+    raise ValueError(f"mask gate {gate!r} is not one of {choices.MASK_GATES}")
+  if gate == "none":
+    return jnp.ones(heatmap.shape[:1], bool)
+  if gate == "peak":
+    return jnp.max(heatmap.reshape(heatmap.shape[0], -1), axis=1) >= threshold
+  return scores < threshold
+
+
+def from_config(heatmap: jax.Array, size: tuple[int, int], cfg,
+                scores: jax.Array | None = None) -> jax.Array:
+  """`from_heatmap` with settings from a config block (threshold, threshold_mode, dilation, blur),
+  then its gate (gate, gate_threshold; `scores` are the reward's, needed by gate "score")."""
+  mask = from_heatmap(heatmap, size, threshold_value=cfg.threshold,
                       threshold_mode=cfg.threshold_mode, dilation=cfg.dilation,
                       blur_sigma=cfg.blur)
+  keep = problematic(heatmap.astype(jnp.float32), scores, cfg.gate, cfg.gate_threshold)
+  return mask * keep[:, None, None].astype(mask.dtype)
