@@ -143,6 +143,6 @@ def test_a_missing_field_is_named():
         {"seed": 0, "distributed": False, "model": {"path": "tiny", "dtype": "float32",
          "attention": "xla"}, "prompts": {"source": "list", "texts": ("a",),
          "eval_fraction": 0.0}, "data": {"batch_size": 1, "seeds_per_prompt": 1,
-         "min_mask_area": 0.0}, "sampling": {"num_steps": 1, "guidance_scale": 1.0,
+         "min_mask_area": 0.0, "prefetch": 0}, "sampling": {"num_steps": 1, "guidance_scale": 1.0,
          "negative_prompt": "", "eta": 0.0}, "lora": {"rank": 1, "alpha": 1.0, "targets": "x"},
          "train": {"num_steps": 1}}))
