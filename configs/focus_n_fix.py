@@ -16,7 +16,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # diffusers-format folder; "tiny" = random tiny models (wiring runs only).
   c.model.dtype = "bfloat16"  # compute dtype of the frozen models: float32 | bfloat16.
-  c.model.attention = "auto"  # xla | cudnn (fused, H100/H200) | auto.
+  # xla | cudnn (fused, H100/H200) | chunked (XLA over query chunks: the [T, T] logits of SD's
+  # 4096-token self-attention never exist whole) | auto (cuDNN on GPUs, chunked elsewhere: what
+  # lets SD1.5 train on a 16 GiB TPU v5e chip, with the two remat fields below).
+  c.model.attention = "auto"
+  # Recompute each UNet block in the backward pass of the gradient steps, and each VAE decoder
+  # block in the reward's backward pass at full resolution: what lets SD1.5 at 512² train on
+  # a 16 GiB chip (BENCHMARKS.md, memory).
+  c.model.unet_remat = True
+  c.model.vae_remat = True
 
   # Prompts: see fnf_jax/data/prompts.py. Each prompt is used with data.seeds_per_prompt seeds.
   c.prompts = ml_collections.ConfigDict()

@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.path = os.path.join(_ASSETS, "toy_pipeline")
   c.model.dtype = "float32"
   c.model.attention = "xla"
+  c.model.unet_remat = False  # the toy models keep little; recomputing them would cost time
+  c.model.vae_remat = False
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1})  # one CPU device is fastest here
 
   c.prompts.source = "list"

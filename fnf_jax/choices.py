@@ -8,8 +8,9 @@ added in one place.
 # model / reward compute dtypes; the reference cache's storage dtypes.
 DTYPES = ("float32", "bfloat16")
 CACHE_DTYPES = ("float32", "float16")
-# jax.nn.dot_product_attention implementations ("auto": let jax pick).
-ATTENTION = ("xla", "cudnn", "auto")
+# Attention (fnf_jax/models/layers.py): XLA, cuDNN's fused kernel, XLA over query chunks
+# (memory O(chunk · T)), or auto (cuDNN on GPUs where it applies, chunked elsewhere).
+ATTENTION = ("xla", "cudnn", "auto", "chunked")
 
 # Prompt sources (fnf_jax/data/prompts.py) and their splits.
 PROMPT_SOURCES = ("list", "text", "parti", "i2p")

@@ -212,12 +212,15 @@ def _require(path: str, what: str) -> str:
   return path
 
 
-def load(path: str, *, dtype: str = "float32", attention_impl: str = "xla") -> Pipeline:
+def load(path: str, *, dtype: str = "float32", attention_impl: str = "xla",
+         unet_remat: bool = False, vae_remat: bool = False) -> Pipeline:
   """Loads a diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder (safetensors only).
 
   `dtype` ("float32" | "bfloat16") is the compute dtype of every module; with bfloat16 the
   UNet's and the VAE's parameters are also stored in it (half the memory), while the text
-  encoders' stay float32 (they run once per prompt).
+  encoders' stay float32 (they run once per prompt). `unet_remat` / `vae_remat` recompute each
+  block of the UNet / the VAE in a backward pass (the gradient steps; the reward's gradient
+  through the decoder at full resolution), for memory.
   """
   with open(_require(os.path.join(path, "model_index.json"), "model_index.json")) as f:
     index = json.load(f)
@@ -228,8 +231,10 @@ def load(path: str, *, dtype: str = "float32", attention_impl: str = "xla") -> P
         f"supported: {', '.join(SUPPORTED_PIPELINES)}")
   sdxl = cls == "StableDiffusionXLPipeline"
   sub = lambda name: _require(os.path.join(path, name), f"component folder {name}/")
-  unet, unet_params = unet_lib.load(sub("unet"), dtype=dtype, attention_impl=attention_impl)
-  vae, vae_params = vae_lib.load(sub("vae"), dtype=dtype, attention_impl=attention_impl)
+  unet, unet_params = unet_lib.load(sub("unet"), dtype=dtype, attention_impl=attention_impl,
+                                    remat=unet_remat)
+  vae, vae_params = vae_lib.load(sub("vae"), dtype=dtype, attention_impl=attention_impl,
+                                 remat=vae_remat)
   names = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
   encoders, params = [], {"unet": unet_params, "vae": vae_params}
   for name in names:

@@ -46,6 +46,18 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, norm
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12)
+# Stable Diffusion XL base 1.0's shapes (its VAE has SD's shapes, scaling 0.13025).
+SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), norm_num_groups=32,
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                 up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",))
+SDXL_VAE = dict(SD15_VAE, scaling_factor=0.13025)
+SDXL_TEXT = dict(SD15_TEXT)
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
 
 
 def init_params(abstract: Any, seed) -> dict:
@@ -75,18 +87,25 @@ def init_params(abstract: Any, seed) -> dict:
 
 def build_pipeline(*, unet: dict, vae: dict, text: dict, tokenizer, scheduler: schedulers.DDIMConfig,
                    params: dict | None = None, seed: int = 0, dtype: str = "float32",
-                   attention_impl: str = "xla", path: str = "<in memory>") -> pipeline_lib.Pipeline:
-  """A Pipeline from diffusers-style config dicts: `params` ({"unet", "vae", "text_encoder"}), or
-  a random init from `seed` (one numpy stream per component, in that order)."""
+                   attention_impl: str = "xla", path: str = "<in memory>",
+                   unet_remat: bool = False, vae_remat: bool = False,
+                   text_2: dict | None = None) -> pipeline_lib.Pipeline:
+  """A Pipeline from diffusers-style config dicts: `params` ({"unet", "vae", "text_encoder"[,
+  "text_encoder_2"]}), or a random init from `seed` (one numpy stream per component, in that
+  order). `text_2` (a projected second text encoder, with the same tokenizer) makes it SDXL."""
   dt = jnp.dtype(dtype)
+  encoders = (clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text), dtype=dt,
+                                 attention_impl=attention_impl),)
+  if text_2 is not None:
+    encoders += (clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_2), with_projection=True,
+                                    dtype=dt, attention_impl=attention_impl),)
   pipe = pipeline_lib.Pipeline(
       unet=unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(unet), dtype=dt,
-                                         attention_impl=attention_impl),
+                                         attention_impl=attention_impl, remat=unet_remat),
       vae=vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(vae), dtype=dt,
-                                attention_impl=attention_impl),
-      text_encoders=(clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text), dtype=dt,
-                                        attention_impl=attention_impl),),
-      tokenizers=(tokenizer,), scheduler=scheduler, params={}, path=path)
+                                attention_impl=attention_impl, remat=vae_remat),
+      text_encoders=encoders, tokenizers=(tokenizer,) * len(encoders), scheduler=scheduler,
+      params={}, path=path, force_zeros_for_empty_prompt=text_2 is not None)
   if params is None:
     abstract = pipe.abstract_params()
     seeds = np.random.SeedSequence(seed).spawn(len(abstract))
@@ -95,17 +114,22 @@ def build_pipeline(*, unet: dict, vae: dict, text: dict, tokenizer, scheduler: s
 
 
 def random_pipeline(seed: int = 0, *, attention_impl: str = "xla", dtype: str = "float32",
+                    unet_remat: bool = False, vae_remat: bool = False,
                     unet: dict = TINY_UNET, vae: dict = TINY_VAE, text: dict = TINY_TEXT,
-                    tokenizer_dir: str | None = None) -> pipeline_lib.Pipeline:
+                    text_2: dict | None = None, tokenizer_dir: str | None = None,
+                    weights: bool = True) -> pipeline_lib.Pipeline:
   """A Pipeline with randomly initialised modules of the given diffusers-style configs and a
-  merge-free CLIP tokenizer (one token per character, 77 positions)."""
+  merge-free CLIP tokenizer (one token per character, 77 positions). `weights=False` leaves
+  params empty: for what needs only the modules and `abstract_params()` (memory estimates)."""
   folder = tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")
   clip_vocab.write(folder)
   tokenizer = clip_tokenizer.load(folder)
-  text = dict(text, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
-              eos_token_id=tokenizer.eos_token_id)
+  ids = dict(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+             eos_token_id=tokenizer.eos_token_id)
   scheduler = schedulers.DDIMConfig(beta_schedule="scaled_linear", beta_start=0.00085,
                                     beta_end=0.012, steps_offset=1, set_alpha_to_one=False)
-  return build_pipeline(unet=unet, vae=vae, text=text, tokenizer=tokenizer, scheduler=scheduler,
-                        seed=seed, dtype=dtype, attention_impl=attention_impl,
-                        path="<tiny random>")
+  return build_pipeline(unet=unet, vae=vae, text=dict(text, **ids), tokenizer=tokenizer,
+                        scheduler=scheduler, params=None if weights else {}, seed=seed,
+                        dtype=dtype, attention_impl=attention_impl, path="<tiny random>",
+                        unet_remat=unet_remat, vae_remat=vae_remat,
+                        text_2=None if text_2 is None else dict(text_2, **ids))

@@ -57,9 +57,12 @@ def maybe_initialize_distributed(config) -> None:
 
 def load_pipeline(config) -> pipeline_lib.Pipeline:
   if config.model.path == "tiny":
-    return random_models.random_pipeline(config.seed, attention_impl=config.model.attention)
+    return random_models.random_pipeline(config.seed, attention_impl=config.model.attention,
+                                         unet_remat=config.model.unet_remat,
+                                         vae_remat=config.model.vae_remat)
   return pipeline_lib.load(config.model.path, dtype=config.model.dtype,
-                           attention_impl=config.model.attention)
+                           attention_impl=config.model.attention,
+                           unet_remat=config.model.unet_remat, vae_remat=config.model.vae_remat)
 
 
 def training_examples(config, pipe, split: str = "train") -> list:

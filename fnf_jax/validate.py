@@ -178,6 +178,8 @@ def training(config) -> None:
   integer(config, "seed", 0)
   boolean(config, "distributed")
   model(config, tiny_ok=True)
+  boolean(config, "model.unet_remat")
+  boolean(config, "model.vae_remat")
   prompts(config)
   integer(config, "data.batch_size", 1)
   integer(config, "data.seeds_per_prompt", 1)

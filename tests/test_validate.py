@@ -22,7 +22,7 @@ CASES = [
     # every enumerated field of the training configs
     (TRAIN, "job=bogus", "config.job = 'bogus' is not one of ['cache', 'demo', 'pretrain', 'sample', 'train']"),
     (TRAIN, "model.dtype=float16", "config.model.dtype = 'float16' is not one of ('float32', 'bfloat16')"),
-    (TRAIN, "model.attention=flash", "config.model.attention = 'flash' is not one of ('xla', 'cudnn', 'auto')"),
+    (TRAIN, "model.attention=flash", "config.model.attention = 'flash' is not one of ('xla', 'cudnn', 'auto', 'chunked')"),
     (TRAIN, "prompts.source=csv", "config.prompts.source = 'csv' is not one of ('list', 'text', 'parti', 'i2p')"),
     (TRAIN, "train.gradient=bogus", "config.train.gradient = 'bogus' is not one of ('truncated', 'lv', 'full')"),
     (TRAIN, "train.remat_policy=all", "config.train.remat_policy = 'all' is not one of ('nothing_saveable', "),
@@ -43,6 +43,8 @@ CASES = [
     (TRAIN, "data.batch_size=0", "config.data.batch_size = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "data.seeds_per_prompt=0", "config.data.seeds_per_prompt = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "data.min_mask_area=1.5", "config.data.min_mask_area = 1.5 is not valid: it must be a number in [0.0, 1.0]"),
+    (TRAIN, "data.prefetch=-1", "config.data.prefetch = -1 is not valid: it must be an integer >= 0"),
+    (TRAIN, "mask.gate_threshold=inf", "config.mask.gate_threshold = inf is not valid"),
     (TRAIN, "data.min_mask_area=0.1", "it needs config.train.reference = 'cache', not 'online'"),
     (TRAIN, "prompts.eval_fraction=1.0", "config.prompts.eval_fraction = 1.0 is not valid: it must be a number in [0.0, 1.0)"),
     (TRAIN, "sampling.num_steps=0", "config.sampling.num_steps = 0 is not valid: it must be an integer >= 1"),
@@ -141,7 +143,7 @@ def test_a_missing_field_is_named():
                      r"config.train has no field 'gradient'"):
     validate.training(ml_collections.ConfigDict(
         {"seed": 0, "distributed": False, "model": {"path": "tiny", "dtype": "float32",
-         "attention": "xla"}, "prompts": {"source": "list", "texts": ("a",),
+         "attention": "xla", "unet_remat": False, "vae_remat": False}, "prompts": {"source": "list", "texts": ("a",),
          "eval_fraction": 0.0}, "data": {"batch_size": 1, "seeds_per_prompt": 1,
          "min_mask_area": 0.0, "prefetch": 0}, "sampling": {"num_steps": 1, "guidance_scale": 1.0,
          "negative_prompt": "", "eta": 0.0}, "lora": {"rank": 1, "alpha": 1.0, "targets": "x"},

@@ -116,13 +116,21 @@ def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.L
   return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name, **_norm_params())
 
 
+# Query rows per chunk of the "chunked" implementation: SD1.5's 64² latents (4096 tokens) in 8.
+ATTENTION_CHUNK = 512
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",
               upcast: bool = False, is_causal: bool = False,
               mask: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention on [B, T, heads, head_dim] through jax.nn.dot_product_attention.
 
-  `implementation` is "xla", "cudnn" (fused flash attention on NVIDIA GPUs) or "auto" (let JAX
-  pick). `upcast` computes the attention in float32, as diffusers' `upcast_attention` (SD 2.1).
+  `implementation` is "xla", "cudnn" (fused flash attention on NVIDIA GPUs), "chunked": XLA
+  over ATTENTION_CHUNK query rows at a time, each chunk rematerialised, so the [T, T] logits of
+  long sequences never exist whole, in the forward pass or the backward (the same numbers as
+  "xla" up to rounding), or "auto": JAX's choice on GPUs (cuDNN where it applies), "chunked"
+  on other backends (TPU, CPU), which have no fused kernel here.
+  `upcast` computes the attention in float32, as diffusers' `upcast_attention` (SD 2.1).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(
@@ -130,6 +138,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
   dtype = q.dtype
   if upcast:
     q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  if implementation == "auto" and jax.default_backend() != "gpu":
+    implementation = "chunked"
+  if implementation == "chunked":
+    t = q.shape[1]
+    if t <= ATTENTION_CHUNK or t % ATTENTION_CHUNK or is_causal or mask is not None:
+      implementation = "xla"  # short, ragged or masked: one piece
+    else:
+      chunks = jnp.moveaxis(q.reshape(q.shape[0], t // ATTENTION_CHUNK, ATTENTION_CHUNK,
+                                      *q.shape[2:]), 1, 0)
+      one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v))
+      out = jnp.moveaxis(jax.lax.map(one, chunks), 0, 1).reshape(q.shape[0], t, *v.shape[2:])
+      return out.astype(dtype)
   impl = None if implementation == "auto" else implementation
   if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
     impl = None  # cuDNN's fused kernels take half precision only; float32 goes to XLA.

@@ -201,6 +201,7 @@ class UNet2DConditionModel(nn.Module):
   config: UNetConfig
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = "xla"
+  remat: bool = False  # recompute each resnet / transformer block in the backward pass
 
   def _block_kwargs(self, i: int, up: bool) -> dict:
     cfg = self.config
@@ -212,7 +213,7 @@ class UNet2DConditionModel(nn.Module):
         transformer_layers=cfg.transformer_depths(up)[i] if crossattn else (),
         heads=rev(cfg.heads)[i], groups=cfg.norm_num_groups, eps=cfg.norm_eps,
         use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
-        attention_impl=self.attention_impl, dtype=self.dtype)
+        attention_impl=self.attention_impl, dtype=self.dtype, remat=self.remat)
 
   def _embed_time(self, timesteps, batch: int, added_cond) -> jax.Array:
     cfg = self.config
@@ -310,7 +311,7 @@ def _compute_dtype(dtype):
   return dtype
 
 
-def load(folder: str, *, dtype="float32", attention_impl: str = "xla"
+def load(folder: str, *, dtype="float32", attention_impl: str = "xla", remat: bool = False
          ) -> tuple[UNet2DConditionModel, dict]:
   """(module, params) from a diffusers `unet/` folder (config.json + *.safetensors).
 
@@ -319,7 +320,7 @@ def load(folder: str, *, dtype="float32", attention_impl: str = "xla"
   """
   dtype = _compute_dtype(dtype)
   config = UNetConfig.from_dict(convert.read_config(folder))
-  module = UNet2DConditionModel(config, dtype=dtype, attention_impl=attention_impl)
+  module = UNet2DConditionModel(config, dtype=dtype, attention_impl=attention_impl, remat=remat)
   state = convert.read_state_dict(convert.find_weights(folder))
   abstract = convert.abstract_params(module, *dummy_inputs(config))
   params = convert.to_params(state, abstract, where=folder, dtype=np.dtype(dtype))

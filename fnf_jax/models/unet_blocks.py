@@ -137,6 +137,7 @@ class Transformer2DModel(nn.Module):
   upcast: bool = False
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each transformer block in the backward pass
 
   @nn.compact
   def __call__(self, x, context):
@@ -147,9 +148,10 @@ class Transformer2DModel(nn.Module):
       y = layers.dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
     else:
       y = layers.conv(inner, 1, dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+    block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.num_layers):
-      y = BasicTransformerBlock(self.heads, self.upcast, attention_impl=self.attention_impl,
-                                dtype=self.dtype, name=f"transformer_blocks_{i}")(y, context)
+      y = block(self.heads, self.upcast, attention_impl=self.attention_impl, dtype=self.dtype,
+                name=f"transformer_blocks_{i}")(y, context)
     if self.use_linear_projection:
       y = layers.dense(c, (MLP, EMBED), dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
     else:
@@ -170,15 +172,20 @@ class BlockSpec(nn.Module):
   upcast_attention: bool = False
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
+  # Recompute each resnet and transformer block in the backward pass: a gradient step then
+  # holds one block's activations at a time instead of the whole UNet's.
+  remat: bool = False
 
   def resnet(self, i: int, out_channels: int | None = None, scale: float = 1.0) -> ResnetBlock2D:
-    return ResnetBlock2D(out_channels or self.out_channels, self.groups, self.eps, scale,
-                         dtype=self.dtype, name=f"resnets_{i}")
+    cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+    return cls(out_channels or self.out_channels, self.groups, self.eps, scale,
+               dtype=self.dtype, name=f"resnets_{i}")
 
   def transformer(self, i: int) -> Transformer2DModel:
     return Transformer2DModel(self.heads, self.transformer_layers[i], self.groups,
                               self.use_linear_projection, self.upcast_attention,
-                              self.attention_impl, self.dtype, name=f"attentions_{i}")
+                              self.attention_impl, self.dtype, remat=self.remat,
+                              name=f"attentions_{i}")
 
 
 class DownBlock(BlockSpec):
