@@ -17,8 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.path = ""  # diffusers-format folder; "tiny" = random tiny models (wiring runs only).
   c.model.dtype = "bfloat16"  # compute dtype of the frozen models: float32 | bfloat16.
   # xla | cudnn (fused, H100/H200) | chunked (XLA over query chunks: the [T, T] logits of SD's
-  # 4096-token self-attention never exist whole) | auto (cuDNN on GPUs, chunked elsewhere: what
-  # lets SD1.5 train on a 16 GiB TPU v5e chip, with the two remat fields below).
+  # 4096-token self-attention never exist whole) | auto (= chunked: what lets SD1.5 train on a
+  # 16 GiB TPU v5e chip, with the two remat fields below). On H100/H200 set cudnn: faster.
   c.model.attention = "auto"
   # Recompute each UNet block in the backward pass of the gradient steps, and each VAE decoder
   # block in the reward's backward pass at full resolution: what lets SD1.5 at 512² train on

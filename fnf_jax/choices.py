@@ -9,7 +9,7 @@ added in one place.
 DTYPES = ("float32", "bfloat16")
 CACHE_DTYPES = ("float32", "float16")
 # Attention (fnf_jax/models/layers.py): XLA, cuDNN's fused kernel, XLA over query chunks
-# (memory O(chunk · T)), or auto (cuDNN on GPUs where it applies, chunked elsewhere).
+# (memory O(chunk · T)), or auto (= chunked; jax's own default would be plain XLA).
 ATTENTION = ("xla", "cudnn", "auto", "chunked")
 
 # Prompt sources (fnf_jax/data/prompts.py) and their splits.

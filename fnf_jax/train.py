@@ -44,8 +44,8 @@ class Run:
   frozen_shardings: dict
   examples: list
   # step.reference / step.eval_images jitted once for the run (cache job, panels, evaluation).
-  reference_fn: object = None
-  eval_images_fn: object = None
+  reference_fn: object
+  eval_images_fn: object
 
 
 def maybe_initialize_distributed(config) -> None:

@@ -128,8 +128,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
   `implementation` is "xla", "cudnn" (fused flash attention on NVIDIA GPUs), "chunked": XLA
   over ATTENTION_CHUNK query rows at a time, each chunk rematerialised, so the [T, T] logits of
   long sequences never exist whole, in the forward pass or the backward (the same numbers as
-  "xla" up to rounding), or "auto": JAX's choice on GPUs (cuDNN where it applies), "chunked"
-  on other backends (TPU, CPU), which have no fused kernel here.
+  "xla" up to rounding), or "auto": "chunked" (jax.nn.dot_product_attention's own default,
+  None, is plain XLA on every backend, GPUs included; cuDNN is chosen only by name, since it
+  takes half precision and a subset of shapes).
   `upcast` computes the attention in float32, as diffusers' `upcast_attention` (SD 2.1).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -138,7 +139,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
   dtype = q.dtype
   if upcast:
     q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  if implementation == "auto" and jax.default_backend() != "gpu":
+  if implementation == "auto":
     implementation = "chunked"
   if implementation == "chunked":
     t = q.shape[1]
@@ -150,7 +151,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
       one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v))
       out = jnp.moveaxis(jax.lax.map(one, chunks), 0, 1).reshape(q.shape[0], t, *v.shape[2:])
       return out.astype(dtype)
-  impl = None if implementation == "auto" else implementation
+  impl = implementation
   if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
     impl = None  # cuDNN's fused kernels take half precision only; float32 goes to XLA.
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
