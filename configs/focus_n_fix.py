@@ -11,7 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.job = "train"  # train | cache (compute the reference Î0, M for every example) | sample
   c.seed = 0  # seeds LoRA init, the data order and (with the prompt index) every example's x_T.
-  c.distributed = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU).
+  c.distributed = distributed_config()
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # diffusers-format folder; "tiny" = random tiny models (wiring runs only).
@@ -35,7 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompts.eval_fraction = 0.1  # share of prompts held out for evaluation (by text hash)
 
   c.data = ml_collections.ConfigDict()
-  c.data.batch_size = 4  # global batch (images per step); divisible by the device count.
+  # The global batch (images per step, all processes together); divisible by the device count.
+  # Each device holds batch_size / devices examples, and each process prepares (tokens, x_T)
+  # and reads (cached Î0, M) only the rows of its own devices.
+  c.data.batch_size = 4
   c.data.seeds_per_prompt = 1  # examples per prompt (different x_T)
   # > 0: train only on examples whose cached mask M covers at least this fraction of the image
   # (the reward found a problem there); the others would contribute the constraint alone.
@@ -61,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_steps = 2  # K for "truncated" (the paper: 2)
   c.train.lv_copies = 2  # n re-noised copies for "lv"
   c.train.remat_policy = "nothing_saveable"  # see fnf_jax/sampling.py REMAT_POLICIES
-  c.train.reference = "cache"  # cache (run job=cache first) | online (sample Î0 every step)
+  # cache: Î0 and M read from WORKDIR/reference (computed first when missing, or ahead with
+  # job=cache) | online: sampled every step (twice the FLOPs).
+  c.train.reference = "cache"
 
   # The objective (fnf_jax/objective.py). DRaFT: objective.mask="ones", beta=gamma=0.
   c.objective = ml_collections.ConfigDict()
@@ -117,6 +122,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.image_every = 200  # steps between TensorBoard panels Î0 | mask | Î (0: never)
   c.log.tensorboard = True
   return c
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """Several processes (TPU pod slices, multi-node GPU jobs; fnf_jax/distributed.py).
+
+  Every process runs the same command. On TPU pods, GKE TPU jobs, SLURM and Open MPI leave the
+  last three fields empty / 0 / -1: jax.distributed.initialize detects the cluster. Elsewhere
+  give all three (process_id differs per process). On the CPU the code itself switches on the
+  gloo collectives that multi-process CPU runs need.
+  """
+  d = ml_collections.ConfigDict()
+  d.enabled = False
+  d.coordinator = ""  # HOST:PORT of process 0
+  d.num_processes = 0
+  d.process_id = -1
+  return d
 
 
 def color_reward(color) -> ml_collections.ConfigDict:

@@ -15,8 +15,12 @@ On a CPU, without a download (the shipped toy model, 12 images in about 15 s):
 """
 
 import os
+import sys
 
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import focus_n_fix  # noqa: E402  (the shared distributed block)
 
 _TOY_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "fnf_jax", "assets", "toy_pipeline")
@@ -25,6 +29,8 @@ _TOY_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 def get_config(arg: str | None = None):
   config = ml_collections.ConfigDict()
   config.job = "sample"
+  # Several processes split the batches (focus_n_fix.distributed_config documents the fields).
+  config.distributed = focus_n_fix.distributed_config()
 
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # diffusers-format folder (model_index.json, unet/, vae/, ...). Required.

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fnf_jax import distributed
 from fnf_jax.models import convert
 
 _ITEMS = ("state", "meta", "prng")
@@ -242,13 +243,6 @@ def install_preemption_handler(signum: int = signal.SIGTERM) -> PreemptionHandle
 
 # --- LoRA export for diffusers ----------------------------------------------------------------
 
-def _host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: float,
                             rank: int) -> dict[str, tuple[int, ...]]:
   """Writes LoRA weights as a diffusers/peft `.safetensors` file; returns {key: shape}.
@@ -270,7 +264,7 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
   (or `cross_attention_kwargs={"scale": alpha / rank}`). Every process may call this; in a
   multi-host run only one should (all arrays are gathered to each caller).
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
 
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"export_lora_safetensors({path!s}): rank must be an int >= 1, got {rank!r}")
@@ -285,7 +279,7 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
       if set(node) != {"lora_a", "lora_b"}:
         raise ValueError(f"LoRA layer {where} must hold exactly 'lora_a' and 'lora_b', "
                          f"has {sorted(node)}")
-      a, b = _host(node["lora_a"]), _host(node["lora_b"])
+      a, b = distributed.gather(node["lora_a"]), distributed.gather(node["lora_b"])
       if a.ndim != 2 or b.ndim != 2 or a.shape[1] != rank or b.shape[0] != rank:
         raise ValueError(f"LoRA layer {where}: lora_a {a.shape} / lora_b {b.shape} are not "
                          f"[in, {rank}] / [{rank}, out] for rank={rank}")
@@ -305,5 +299,9 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
   metadata = {"format": "pt", "alpha": str(float(alpha)), "rank": str(rank),
               "lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(tensors, str(path), metadata=metadata)
+  # Written whole under a temporary name and renamed: a reader never sees half a file.
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(save(tensors, metadata=metadata))
+  os.replace(tmp, path)
   return {k: tuple(v.shape) for k, v in tensors.items()}

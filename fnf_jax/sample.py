@@ -3,10 +3,12 @@
 import json
 import os
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from fnf_jax import distributed
 from fnf_jax import pipeline
 from fnf_jax import progress
 from fnf_jax.data import examples
@@ -19,16 +21,23 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 def run(config, workdir: str) -> list[dict]:
-  """The job (its config validated by fnf_jax.validate.sample_job)."""
+  """The job (its config validated by fnf_jax.validate.sample_job).
+
+  With several processes each generates every P-th batch on its own devices and writes those
+  images; process 0 writes the index once all are written.
+  """
+  distributed.initialize(config.distributed)
   pipe = pipeline.load(config.model.path, dtype=config.model.dtype,
                        attention_impl=config.model.attention)
   prompts, _ = prompts_lib.load(config.prompts, split=config.prompts.split)
   jobs = [(p, seed) for p in prompts for seed in config.seeds]
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  records = []
+  records = [{"file": f"{i:05d}_seed{seed}.png", "prompt": prompt, "seed": seed}
+             for i, (prompt, seed) in enumerate(jobs)]
   bar = progress.Progress(len(jobs), label="sample")
-  for start in range(0, len(jobs), config.batch_size):
+  starts = range(0, len(jobs), config.batch_size)
+  for start in starts[jax.process_index()::jax.process_count()]:
     chunk = jobs[start:start + config.batch_size]
     # One seed per image: each image's x_T depends on its own seed only, not on the batching.
     latents = np.stack([examples.initial_noise(seed, pipe.latent_shape) for _, seed in chunk])
@@ -36,16 +45,16 @@ def run(config, workdir: str) -> list[dict]:
                            num_inference_steps=config.sampling.num_steps,
                            guidance_scale=config.sampling.guidance_scale,
                            negative_prompt=config.sampling.negative_prompt)
-    for (prompt, seed), image in zip(chunk, images):
-      name = f"{len(records):05d}_seed{seed}.png"
-      save_png(image, os.path.join(out_dir, name))
-      records.append({"file": name, "prompt": prompt, "seed": seed})
+    for record, image in zip(records[start:start + len(chunk)], images):
+      save_png(image, os.path.join(out_dir, record["file"]))
     bar.update(len(chunk))
+  distributed.barrier("samples-written")
   meta = {"model": config.model.path, "num_steps": config.sampling.num_steps,
           "guidance_scale": config.sampling.guidance_scale,
           "negative_prompt": config.sampling.negative_prompt, "images": records}
-  with open(os.path.join(out_dir, "samples.json"), "w") as f:
-    json.dump(meta, f, indent=1)
+  if distributed.is_writer():
+    with open(os.path.join(out_dir, "samples.json"), "w") as f:
+      json.dump(meta, f, indent=1)
   logging.info("wrote %d images to %s", len(records), out_dir)
   return records
 

@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from fnf_jax import checkpoint
+from fnf_jax import distributed
 from fnf_jax import metrics as metrics_lib
 from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import reference as reference_lib
@@ -48,13 +49,6 @@ class Run:
   eval_images_fn: object
 
 
-def maybe_initialize_distributed(config) -> None:
-  """Multi-host (TPU pods, multi-node GPU): one call before any other JAX use."""
-  if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
-    logging.info("process %d of %d", jax.process_index(), jax.process_count())
-
-
 def load_pipeline(config) -> pipeline_lib.Pipeline:
   if config.model.path == "tiny":
     return random_models.random_pipeline(config.seed, attention_impl=config.model.attention,
@@ -85,7 +79,7 @@ def setup(config, base: Run | None = None) -> Run:
   Focus-N-Fix runs load the model once).
   """
   if base is None:
-    maybe_initialize_distributed(config)
+    distributed.initialize(config.distributed)
     mesh = sharding.make_mesh(dict(config.mesh))
     validate.check_batch(config, mesh.size)
     rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
@@ -115,17 +109,44 @@ def _json(value) -> str:
   return value.to_json() if hasattr(value, "to_json") else repr(value)
 
 
+def batch_axis(key: str) -> int:
+  """The batch axis of a step input: token ids [E, B, 77] and noise [S, B, ...] on axis 1."""
+  return 1 if key in ("ids", "neg_ids", "noise") else 0
+
+
 def batch_shardings(batch: dict, mesh, rules) -> dict:
-  """Leading batch axis sharded; token ids [E, B, 77] and noise [S, B, ...] on their axis 1."""
-  return {k: sharding.batch_sharding(mesh, np.ndim(v), rules,
-                                     axis=1 if k in ("ids", "neg_ids", "noise") else 0)
+  return {k: sharding.batch_sharding(mesh, np.ndim(v), rules, axis=batch_axis(k))
           for k, v in batch.items()}
 
 
-def to_global(batch: dict, shardings: dict) -> dict:
-  """Host arrays (the same global batch on every process) -> global jax.Arrays."""
-  return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+def local_rows(size: int, mesh, rules) -> range:
+  """The rows of a global batch of `size` that this process's devices hold (all of them with
+  one process)."""
+  return distributed.local_rows(sharding.batch_sharding(mesh, 1, rules), (size,))
+
+
+def host_rows(pipe, examples: list, config, rows: range, cached=None) -> dict:
+  """This process's rows of the global batch `examples`, as numpy arrays: tokens, x_T (and
+  sampler noise), and with a cache its Î0 and M, read for these rows only."""
+  s = config.sampling
+  batch = examples_lib.host_batch(pipe, examples[rows.start:rows.stop],
+                                  negative_prompt=s.negative_prompt, num_steps=s.num_steps,
+                                  eta=s.eta)
+  if cached is not None:
+    batch["reference"], batch["mask"] = cached.get(batch["index"])
+  return batch
+
+
+def to_global(host: dict, shardings: dict, size: int) -> dict:
+  """Each process's rows (`host_rows`) -> the global batch of `size` rows as jax.Arrays."""
+  return distributed.global_batch(host, shardings, size, {k: batch_axis(k) for k in host})
+
+
+def local_batch(pipe, examples: list, config, mesh, rules) -> tuple[dict, dict]:
+  """(global batch, its shardings) of the examples, each process building only its rows."""
+  host = host_rows(pipe, examples, config, local_rows(len(examples), mesh, rules))
+  shardings = batch_shardings(host, mesh, rules)
+  return to_global(host, shardings, len(examples)), shardings
 
 
 # ------------------------------------------------------------------------------------- cache
@@ -134,10 +155,16 @@ def to_global(batch: dict, shardings: dict) -> dict:
 def cache(config, workdir: str, run: Run | None = None) -> str:
   """The `cache` job: writes the reference of every training example to WORKDIR/reference."""
   run = run or setup(config)
-  compute = reference_lib.compute_fn(run.reference_fn, run.frozen, run.pipe, config)
-  return reference_lib.write(workdir, config, run.examples, compute,
+  # Outputs sharded like the batch, so that each process holds (and writes) its own rows.
+  out = (sharding.batch_sharding(run.mesh, 4, run.rules), sharding.batch_sharding(run.mesh, 3,
+                                                                                   run.rules))
+  with run.mesh, nn.logical_axis_rules(run.rules):
+    reference = jax.jit(run.step.reference, out_shardings=out)
+    compute = reference_lib.compute_fn(reference, run.frozen, run.pipe, config, mesh=run.mesh,
+                                       rules=run.rules)
+    return reference_lib.write(workdir, config, run.examples, compute,
                              shard_size=config.cache.shard_size,
-                             batch_size=config.data.batch_size, dtype=config.cache.dtype)
+                                 batch_size=config.data.batch_size, dtype=config.cache.dtype)
 
 
 # ------------------------------------------------------------------------------------- train
@@ -152,11 +179,7 @@ def select_examples(config, examples: list, cached) -> list:
   if cached is None:
     raise ValueError("data.min_mask_area > 0 selects examples by their cached mask: it needs "
                      "train.reference = 'cache' (and the cache job run first)")
-  chosen = []
-  for start in range(0, len(examples), 256):
-    chunk = examples[start:start + 256]
-    _, masks = cached.get([e.index for e in chunk])
-    chosen += [e for e, m in zip(chunk, masks) if float(np.mean(m)) >= threshold]
+  chosen = [e for e in examples if cached.area(e.index) >= threshold]
   logging.info("data.min_mask_area = %g: training on %d of %d examples", threshold, len(chosen),
                len(examples))
   if len(chosen) < config.data.batch_size:
@@ -164,16 +187,6 @@ def select_examples(config, examples: list, cached) -> list:
                      f"{threshold} of the image, fewer than one batch ({config.data.batch_size}):"
                      " lower data.min_mask_area or add prompts / data.seeds_per_prompt")
   return chosen
-
-
-def _host_batch(run: Run, feed, position: int, cached) -> dict:
-  s = run.config.sampling
-  chunk = feed.batch_at(position)
-  batch = examples_lib.host_batch(run.pipe, chunk, negative_prompt=s.negative_prompt,
-                                  num_steps=s.num_steps, eta=s.eta)
-  if cached is not None:
-    batch["reference"], batch["mask"] = cached.get(batch["index"])
-  return batch
 
 
 def train(config, workdir: str) -> dict:
@@ -186,16 +199,23 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
 
   `run`: the Run of `config` from `setup`, when the caller has one.
   """
+  run = run or setup(config)  # a bad config or cluster fails here, before the workdir exists
   os.makedirs(workdir, exist_ok=True)
-  run = run or setup(config)
   metrics_lib.write_config(workdir, config)
   t, mesh = config.train, run.mesh
-  cached = (reference_lib.Cache(workdir, config, run.examples)
-            if t.reference == "cache" else None)
+  cached = None
+  if t.reference == "cache":
+    if not reference_lib.is_complete(workdir):
+      # A fresh workdir: compute the cache first (every process), so one command trains.
+      logging.info("no reference cache in %s yet: computing it first", workdir)
+      cache(config, workdir, run)
+    cached = reference_lib.Cache(workdir, config, run.examples)
   examples = select_examples(config, run.examples, cached)
   feed = examples_lib.Feed(examples, config.data.batch_size, config.seed)
   init_key, rng = step_keys(config.seed)
   repl = sharding.replicated(mesh)
+  # The step keys' root as a global array (every process saves its part of the checkpoint).
+  rng = jax.jit(lambda: step_keys(config.seed)[1], out_shardings=repl)()
 
   # The mesh context and rules make the modules' nn.with_logical_constraint calls take effect.
   with mesh, nn.logical_axis_rules(run.rules):
@@ -222,33 +242,37 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
     else:
       logging.info("starting a new run in %s", workdir)
 
-    host = _host_batch(run, feed, 0, cached)
+    batch_size = config.data.batch_size
+    rows = local_rows(batch_size, mesh, run.rules)
+    make_host = lambda p: host_rows(run.pipe, feed.batch_at(p), config, rows, cached)
+    host = make_host(0)
     b_shardings = batch_shardings(host, mesh, run.rules)
     jitted = jax.jit(run.step.train_step,
                      in_shardings=(state_shardings, run.frozen_shardings, b_shardings, repl),
                      out_shardings=(state_shardings, repl), donate_argnums=0)
     spec = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+    batch_spec = {k: jax.ShapeDtypeStruct(_with(np.shape(v), batch_axis(k), batch_size), v.dtype,
+                                          sharding=b_shardings[k]) for k, v in host.items()}
     tic = time.perf_counter()
     compiled = jitted.lower(jax.tree.map(spec, state, state_shardings),
                             jax.tree.map(spec, run.frozen, run.frozen_shardings),
-                            jax.tree.map(spec, host, b_shardings), rng).compile()
+                            batch_spec, rng).compile()
     logging.info("compiled the train step in %.1f s", time.perf_counter() - tic)
     _log_memory(compiled)
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
     stop = checkpoint.install_preemption_handler()
     panel_fns = (run.reference_fn, run.eval_images_fn) if config.log.image_every else None
-    batch_size = config.data.batch_size
     # Host batches are built ahead by a thread while the devices compute; metrics stay on the
     # devices until a step logs or checkpoints (fetching them every step would wait for it).
-    hosts = examples_lib.prefetch(lambda p: _host_batch(run, feed, p, cached),
+    hosts = examples_lib.prefetch(make_host,
                                   range(start * batch_size, t.num_steps * batch_size, batch_size),
                                   config.data.prefetch)
     last, pending, tic, done = {}, [], time.perf_counter(), 0
     try:
       for step, host in zip(range(start, t.num_steps), hosts):
         position = step * batch_size
-        batch = to_global(host, b_shardings)
+        batch = to_global(host, b_shardings, batch_size)
         state, m = compiled(state, run.frozen, batch, jax.random.fold_in(rng, step))
         pending.append((step + 1, m))
         done += 1
@@ -266,7 +290,7 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
           writer.scalars(step + 1, {**last, "images_per_second": ips})
           logging.info(metrics_lib.console_line(step + 1, t.num_steps, last, ips, eta))
         if panel_fns is not None and (step + 1) % config.log.image_every == 0:
-          _panels(writer, panel_fns, run.frozen, state, host, step + 1)
+          _panels(writer, panel_fns, run.frozen, state, batch, step + 1)
         meta = {"step": step + 1, "position": position + batch_size,
                 "epoch": (position + batch_size) // len(examples)}
         ckpt.save(step + 1, {"train": state, "rng": rng}, meta, force=final)
@@ -279,9 +303,10 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
       ckpt.close()
       writer.close()
       stop.uninstall()
-    lora = jax.device_get(state.lora)
-    checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
-                                       alpha=config.lora.alpha, rank=config.lora.rank)
+    lora = jax.device_get(state.lora)  # replicated: every process holds all of it
+    if distributed.is_writer():
+      checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
+                                         alpha=config.lora.alpha, rank=config.lora.rank)
   return last, lora
 
 
@@ -304,17 +329,22 @@ def step_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_key, root
 
 
-def _panels(writer, panel_fns, frozen, state, host, step):
-  """TensorBoard panels Î0 | mask overlay | Î for the current host batch."""
+def _panels(writer, panel_fns, frozen, state, batch, step):
+  """TensorBoard panels Î0 | mask overlay | Î for the current batch (every process computes
+  and gathers; process 0 writes)."""
   reference_fn, images_fn = panel_fns
-  batch = {k: v for k, v in host.items() if k not in ("reference", "mask", "index")}
-  if "reference" in host:  # cached
-    reference, mask = host["reference"], host["mask"]
+  inputs = {k: v for k, v in batch.items() if k not in ("reference", "mask", "index")}
+  if "reference" in batch:  # cached
+    reference, mask = batch["reference"], batch["mask"]
   else:
-    reference, mask = reference_fn(frozen, batch)
-  images = images_fn(state.lora, frozen, batch)
+    reference, mask = reference_fn(frozen, inputs)
+  images = images_fn(state.lora, frozen, inputs)
   writer.images(step, "reference|mask|finetuned", metrics_lib.panel(
-      np.asarray(reference), np.asarray(mask), np.asarray(images)))
+      *(distributed.gather(x) for x in (reference, mask, images))))
+
+
+def _with(shape: tuple, axis: int, size: int) -> tuple:
+  return tuple(size if i == axis else d for i, d in enumerate(shape))
 
 
 def _log_memory(compiled) -> None:

@@ -163,20 +163,56 @@ def mesh(config) -> None:
   check_batch(config, known)
 
 
+def distributed_explicit(d) -> bool:
+  """Whether config.distributed names the cluster by hand (any field set)."""
+  return bool(d.coordinator) or d.num_processes > 0 or d.process_id >= 0
+
+
+def distributed(config) -> None:
+  """config.distributed: off, all three fields given, or none (the cluster is detected when the
+  runtime starts, fnf_jax/distributed.py)."""
+  boolean(config, "distributed.enabled")
+  text(config, "distributed.coordinator")
+  integer(config, "distributed.num_processes", 0)
+  integer(config, "distributed.process_id", -1)
+  d = value(config, "distributed")
+  if not d.enabled or not distributed_explicit(d):
+    return
+  missing = [name for name, bad in (("coordinator", not d.coordinator),
+                                    ("num_processes", d.num_processes < 1),
+                                    ("process_id", d.process_id < 0)) if bad]
+  if missing:
+    raise ConfigError(
+        "config.distributed.enabled = True with part of the cluster given by hand: also set "
+        + ", ".join(f"--config.distributed.{m}" for m in missing)
+        + f" (have coordinator={d.coordinator!r}, num_processes={d.num_processes}, "
+        f"process_id={d.process_id}), or leave all three empty / 0 / -1 on a cluster JAX "
+        "detects (TPU pods, GKE TPU jobs, SLURM, Open MPI)")
+  host, _, port = d.coordinator.rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"config.distributed.coordinator = {d.coordinator!r} is not HOST:PORT "
+                      "(process 0's address, e.g. 10.0.0.2:1234)")
+  if d.process_id >= d.num_processes:
+    raise ConfigError(f"config.distributed.process_id = {d.process_id} is not below "
+                      f"config.distributed.num_processes = {d.num_processes}: process ids are "
+                      "0 .. num_processes - 1")
+
+
 def check_batch(config, devices: int) -> None:
   """The global batch must split into whole examples over `devices` (the mesh size, or the
   product of its fixed axes before the devices are known)."""
   batch = value(config, "data.batch_size")
   if batch % devices:
     raise ConfigError(f"config.data.batch_size = {batch} is not divisible by the mesh size "
-                      f"{devices} ({dict(value(config, 'mesh'))}): each device needs whole "
-                      "examples; use a multiple of it")
+                      f"{devices} (the devices of all processes; config.mesh = "
+                      f"{dict(value(config, 'mesh'))}): each device needs whole examples; use "
+                      "a multiple of it")
 
 
 def training(config) -> None:
   """The Focus-N-Fix / DRaFT training configs (configs/focus_n_fix.py documents every field)."""
   integer(config, "seed", 0)
-  boolean(config, "distributed")
+  distributed(config)
   model(config, tiny_ok=True)
   boolean(config, "model.unet_remat")
   boolean(config, "model.vae_remat")
@@ -245,6 +281,7 @@ def training(config) -> None:
 
 def sample_job(config) -> None:
   """configs/sample.py."""
+  distributed(config)
   model(config, tiny_ok=False)
   prompts(config)
   one_of(config, "prompts.split", choices.PROMPT_SPLITS)

@@ -77,9 +77,9 @@ def test_gate_empties_clean_images_and_min_mask_area_keeps_the_others():
                                               jnp.asarray(images), None))
   assert (ungated[~problematic].mean(axis=(1, 2)) >= 0.1).all()
 
-  class Cached:  # the reference cache, holding the gated masks
-    def get(self, indices):
-      return None, m[np.asarray(indices)]
+  class Cached:  # the reference cache, holding the gated masks (it records each one's area)
+    def area(self, index):
+      return float(np.mean(m[index]))
 
   examples = examples_lib.make_examples([f"p{i}" for i in range(8)], 1, 0)
   config.data.min_mask_area, config.train.reference = 0.01, "cache"

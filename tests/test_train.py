@@ -108,9 +108,21 @@ def test_cached_reference_matches_online(uninterrupted, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "reference"))) == shards
 
 
-def test_cache_mode_without_cache_says_what_to_run(tmp_path):
-  with pytest.raises(FileNotFoundError, match="job=cache"):
-    main.run_job(tiny_config(**{"train.reference": "cache"}), str(tmp_path))
+def test_training_on_a_fresh_workdir_computes_the_cache_first(tmp_path):
+  """train.reference = cache with no cache: the training command computes it, then trains, with
+  the same files and results as the cache job run ahead."""
+  ahead, fresh = str(tmp_path / "ahead"), str(tmp_path / "fresh")
+  config = tiny_config(**{"train.reference": "cache", "train.num_steps": 2})
+  main.run_job(tiny_config(**{"job": "cache", "train.reference": "cache"}), ahead)
+  main.run_job(config, ahead)
+  main.run_job(config, fresh)
+  assert_same(read_metrics(ahead), read_metrics(fresh), (1, 2), rtol=0, atol=0)
+  folder = lambda w: os.path.join(w, "reference")
+  assert sorted(os.listdir(folder(ahead))) == sorted(os.listdir(folder(fresh)))
+  for name in os.listdir(folder(ahead)):
+    if name.endswith(".npy"):
+      np.testing.assert_array_equal(np.load(os.path.join(folder(ahead), name)),
+                                    np.load(os.path.join(folder(fresh), name)), err_msg=name)
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
@@ -130,11 +142,8 @@ def test_select_examples_by_cached_mask_area():
   from fnf_jax.data import examples as examples_lib  # pylint: disable=import-outside-toplevel
 
   class AreaCache:  # example i's mask covers i / 10 of the image
-    def get(self, indices):
-      masks = np.zeros((len(indices), 10, 10), np.float32)
-      for k, i in enumerate(indices):
-        masks[k, :i] = 1.0
-      return None, masks
+    def area(self, index):
+      return index / 10
 
   examples = examples_lib.make_examples([f"p{i}" for i in range(10)], 1, 0)
   c = tiny_config(**{"data.batch_size": 2})

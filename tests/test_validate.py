@@ -74,6 +74,14 @@ CASES = [
     (TRAIN, "optim.grad_accum=0", "config.optim.grad_accum = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "mesh.fsdp=0", "axis sizes must be integers >= 1, with at most one -1"),
     (TRAIN, "mesh.fsdp=3", "config.data.batch_size = 2 is not divisible by the mesh size 3"),
+    # against the devices found (8 fake CPU devices here), once the runtime has started
+    (TRAIN, "data.batch_size=3", "config.data.batch_size = 3 is not divisible by the mesh size 8 (the devices of all processes"),
+    # several processes
+    (TRAIN, "distributed.num_processes=-2", "config.distributed.num_processes = -2 is not valid: it must be an integer >= 0"),
+    (TRAIN, ("distributed.enabled=True", "distributed.coordinator=10.0.0.2:1234"), "also set --config.distributed.num_processes, --config.distributed.process_id (have coordinator='10.0.0.2:1234', num_processes=0, process_id=-1)"),
+    (TRAIN, ("distributed.enabled=True", "distributed.coordinator=10.0.0.2", "distributed.num_processes=2", "distributed.process_id=0"), "config.distributed.coordinator = '10.0.0.2' is not HOST:PORT"),
+    (TRAIN, ("distributed.enabled=True", "distributed.coordinator=10.0.0.2:1234", "distributed.num_processes=2", "distributed.process_id=2"), "config.distributed.process_id = 2 is not below config.distributed.num_processes = 2"),
+    (TRAIN, "distributed.enabled=True", "no coordinator is configured and this machine is in no cluster JAX detects. Set --config.distributed.coordinator=HOST:PORT"),
     (TRAIN, "checkpoint.every=0", "config.checkpoint.every = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "checkpoint.keep=0", "config.checkpoint.keep = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "cache.shard_size=0", "config.cache.shard_size = 0 is not valid: it must be an integer >= 1"),
@@ -142,7 +150,8 @@ def test_a_missing_field_is_named():
   with pytest.raises(validate.ConfigError, match=r"config.train.gradient is missing: "
                      r"config.train has no field 'gradient'"):
     validate.training(ml_collections.ConfigDict(
-        {"seed": 0, "distributed": False, "model": {"path": "tiny", "dtype": "float32",
+        {"seed": 0, "distributed": {"enabled": False, "coordinator": "", "num_processes": 0,
+         "process_id": -1}, "model": {"path": "tiny", "dtype": "float32",
          "attention": "xla", "unet_remat": False, "vae_remat": False}, "prompts": {"source": "list", "texts": ("a",),
          "eval_fraction": 0.0}, "data": {"batch_size": 1, "seeds_per_prompt": 1,
          "min_mask_area": 0.0, "prefetch": 0}, "sampling": {"num_steps": 1, "guidance_scale": 1.0,

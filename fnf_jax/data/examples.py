@@ -69,7 +69,8 @@ def sampler_noise(seed: int, num_steps: int, latent_shape: tuple[int, ...]) -> n
 
 def host_batch(pipe, examples: list[Example], *, negative_prompt: str, num_steps: int,
                eta: float) -> dict:
-  """The step's inputs for `examples` as numpy arrays (every process builds the global batch)."""
+  """The step's inputs for `examples` as numpy arrays (each process passes its own rows of the
+  global batch: fnf_jax.train.host_rows)."""
   prompts = [e.prompt for e in examples]
   batch = {
       "ids": pipe.tokenize(prompts),
