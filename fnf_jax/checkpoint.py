@@ -16,11 +16,13 @@ straight into the CURRENT mesh's layout, whatever mesh wrote them (e.g. 8 device
 
 import json
 import os
+import shutil
 import signal
 import threading
 from typing import Any
 
 import jax
+from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -243,8 +245,22 @@ def install_preemption_handler(signum: int = signal.SIGTERM) -> PreemptionHandle
 
 # --- LoRA export for diffusers ----------------------------------------------------------------
 
+def remove_stale_temporaries(directory: str) -> list[str]:
+  """Deletes the `*.orbax-checkpoint-tmp*` folders of saves that never finished (a run killed
+  mid-save). Only for the run that holds the workdir (fnf_jax.runlock): no save is in flight.
+  Returns the names removed."""
+  if not os.path.isdir(directory):
+    return []
+  stale = sorted(n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n)
+  for name in stale:
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  if stale:
+    logging.info("removed unfinished checkpoint saves in %s: %s", directory, ", ".join(stale))
+  return stale
+
+
 def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: float,
-                            rank: int) -> dict[str, tuple[int, ...]]:
+                            rank: int, step: int | None = None) -> dict[str, tuple[int, ...]]:
   """Writes LoRA weights as a diffusers/peft `.safetensors` file; returns {key: shape}.
 
   Keys: `unet.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] (torch layout:
@@ -264,8 +280,6 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
   (or `cross_attention_kwargs={"scale": alpha / rank}`). Every process may call this; in a
   multi-host run only one should (all arrays are gathered to each caller).
   """
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"export_lora_safetensors({path!s}): rank must be an int >= 1, got {rank!r}")
   tensors, modules = {}, []
@@ -298,10 +312,8 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
              "unet.target_modules": sorted(modules)}
   metadata = {"format": "pt", "alpha": str(float(alpha)), "rank": str(rank),
               "lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
+  if step is not None:
+    metadata["step"] = str(int(step))  # the training step these weights are from
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # Written whole under a temporary name and renamed: a reader never sees half a file.
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(save(tensors, metadata=metadata))
-  os.replace(tmp, path)
+  convert.write_safetensors(str(path), tensors, metadata)
   return {k: tuple(v.shape) for k, v in tensors.items()}

@@ -30,14 +30,21 @@ class MetricWriter:
   """`workdir/metrics.jsonl` (one {"step", "time", name: value} line per call, flushed at once so
   a crash loses nothing) and TensorBoard events under `workdir/tensorboard/`."""
 
-  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
+               resume_step: int | None = None):
+    """`resume_step`: the step a resumed run restarts from; rows of later steps (logged by the
+    interrupted run after its last checkpoint, and about to be logged again) are dropped, so
+    each step has one row."""
     self.workdir = os.fspath(workdir)
     self.enabled = jax.process_index() == 0
     self._jsonl = self._tb = None
     if not self.enabled:
       return
     os.makedirs(self.workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      _truncate_after(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), flush_secs=30)
@@ -83,6 +90,38 @@ class MetricWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut by a kill mid-write
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def last_row(workdir: str | os.PathLike) -> dict:
+  """The newest metrics.jsonl row without step and time ({} when there is none)."""
+  path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    rows = [line for line in f if line.strip()]
+  for line in reversed(rows):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    return {k: v for k, v in row.items() if k not in ("step", "time")}
+  return {}
 
 
 def _images(images: Any, name: str) -> np.ndarray:

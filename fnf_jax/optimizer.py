@@ -43,9 +43,28 @@ def optimizer(cfg) -> optax.GradientTransformation:
   return tx
 
 
+def _is_injected(x) -> bool:
+  # optax names the state class differently across versions; it always has `hyperparams`.
+  return hasattr(x, "hyperparams") and isinstance(x.hyperparams, dict)
+
+
+# The injected hyperparameters and the optim fields that set them.
+HYPERPARAMS = {"learning_rate": "lr", "b1": "b1", "b2": "b2", "weight_decay": "weight_decay"}
+
+
+def with_hyperparams(cfg, opt_state):
+  """`opt_state` with the injected rate and Adam constants set from `cfg`: what a resumed run
+  applies (the restored state holds the values of the run that saved it)."""
+  def one(x):
+    if not _is_injected(x):
+      return x
+    values = {k: jnp.asarray(cfg[HYPERPARAMS[k]], jnp.asarray(v).dtype) if k in HYPERPARAMS
+              else v for k, v in x.hyperparams.items()}
+    return x._replace(hyperparams=values)
+  return jax.tree.map(one, opt_state, is_leaf=_is_injected)
+
+
 def learning_rate(cfg, opt_state, update: jax.Array) -> jax.Array:
   """The rate the optimizer applies at optimizer update number `update` (for logging)."""
-  # optax names the state class differently across versions; it always has `hyperparams`.
-  is_injected = lambda x: hasattr(x, "hyperparams") and isinstance(x.hyperparams, dict)
-  injected = [s for s in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(s)]
+  injected = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(s)]
   return injected[0].hyperparams["learning_rate"] * schedule_shape(cfg)(update)

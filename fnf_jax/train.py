@@ -16,6 +16,9 @@ from absl import logging
 
 from fnf_jax import checkpoint
 from fnf_jax import distributed
+from fnf_jax import optimizer as optimizer_lib
+from fnf_jax import record
+from fnf_jax import runlock
 from fnf_jax import metrics as metrics_lib
 from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import reference as reference_lib
@@ -155,6 +158,11 @@ def local_batch(pipe, examples: list, config, mesh, rules) -> tuple[dict, dict]:
 def cache(config, workdir: str, run: Run | None = None) -> str:
   """The `cache` job: writes the reference of every training example to WORKDIR/reference."""
   run = run or setup(config)
+  with runlock.hold(workdir, distributed.is_writer()):
+    return _cache(config, workdir, run)
+
+
+def _cache(config, workdir: str, run: Run) -> str:
   # Outputs sharded like the batch, so that each process holds (and writes) its own rows.
   out = (sharding.batch_sharding(run.mesh, 4, run.rules), sharding.batch_sharding(run.mesh, 3,
                                                                                    run.rules))
@@ -199,16 +207,31 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
 
   `run`: the Run of `config` from `setup`, when the caller has one.
   """
-  run = run or setup(config)  # a bad config or cluster fails here, before the workdir exists
-  os.makedirs(workdir, exist_ok=True)
-  metrics_lib.write_config(workdir, config)
+  # A resume whose settings differ where a checkpoint cannot follow fails here, before
+  # anything loads; a bad config or cluster fails in setup, before the workdir exists.
+  changes = record.check_resume(config, workdir)
+  run = run or setup(config)
+  with runlock.hold(workdir, distributed.is_writer()):
+    return _fit(config, workdir, run, changes)
+
+
+class Preempted(SystemExit):
+  """SIGTERM: the run saved a checkpoint and stops with exit status 143 (128 + SIGTERM), which
+  restart policies treat as a failure to retry; the final LoRA file is not written."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+def _fit(config, workdir: str, run: Run, changes: dict) -> tuple[dict, dict]:
   t, mesh = config.train, run.mesh
   cached = None
   if t.reference == "cache":
     if not reference_lib.is_complete(workdir):
       # A fresh workdir: compute the cache first (every process), so one command trains.
       logging.info("no reference cache in %s yet: computing it first", workdir)
-      cache(config, workdir, run)
+      _cache(config, workdir, run)
     cached = reference_lib.Cache(workdir, config, run.examples)
   examples = select_examples(config, run.examples, cached)
   feed = examples_lib.Feed(examples, config.data.batch_size, config.seed)
@@ -226,21 +249,33 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
     state = jax.jit(init, out_shardings=state_shardings)(init_key,
                                                          run.frozen["unet"])
     # Resume from the newest complete checkpoint, onto this mesh.
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   keep=config.checkpoint.keep, every=config.checkpoint.every)
+    if distributed.is_writer():
+      checkpoint.remove_stale_temporaries(os.path.join(workdir, "checkpoints"))
+    distributed.barrier("stale-checkpoints-removed")
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          {"train": abstract_state, "rng": jax.eval_shape(lambda: rng)},
+                          {"train": state_shardings, "rng": repl})
+    ckpt, latest, restored, meta = _restore_newest(config, workdir, target)
     start = 0
-    latest = ckpt.latest_step()
+    if distributed.is_writer():
+      record.write(config, workdir, changes, latest)
+    for key, (old, new) in changes.items():
+      logging.info("resuming with a changed setting (applied): %s %r -> %r", key, old, new)
     if latest is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            {"train": abstract_state, "rng": jax.eval_shape(lambda: rng)},
-                            {"train": state_shardings, "rng": repl})
-      restored, meta = ckpt.restore(latest, target)
       state, rng = restored["train"], restored["rng"]
       start = int(meta["step"])
       logging.info("resuming from checkpoint step %d in %s (data position %d)", start,
                    os.path.join(workdir, "checkpoints"), meta["position"])
+      # The restored optimizer state holds the saving run's rate and Adam constants: this
+      # run's config is what applies (record.SAFE lets a resume change them).
+      state = jax.jit(lambda s: s.replace(opt_state=optimizer_lib.with_hyperparams(
+          config.optim, s.opt_state)), out_shardings=state_shardings)(state)
     else:
       logging.info("starting a new run in %s", workdir)
+    if start >= t.num_steps:
+      logging.info("the run in %s is finished (step %d of %d): nothing to train", workdir,
+                   start, t.num_steps)
+      return _finish(config, workdir, state, start), jax.device_get(state.lora)
 
     batch_size = config.data.batch_size
     rows = local_rows(batch_size, mesh, run.rules)
@@ -260,7 +295,8 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
     logging.info("compiled the train step in %.1f s", time.perf_counter() - tic)
     _log_memory(compiled)
 
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                      resume_step=start)
     stop = checkpoint.install_preemption_handler()
     panel_fns = (run.reference_fn, run.eval_images_fn) if config.log.image_every else None
     # Host batches are built ahead by a thread while the devices compute; metrics stay on the
@@ -295,7 +331,8 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
                 "epoch": (position + batch_size) // len(examples)}
         ckpt.save(step + 1, {"train": state, "rng": rng}, meta, force=final)
         if preempted:
-          logging.warning("SIGTERM received: saved step %d, exiting", step + 1)
+          logging.warning("SIGTERM received: saved step %d, exiting with status 143 (to be "
+                          "restarted: the next run resumes there)", step + 1)
           break
     finally:
       hosts.close()
@@ -303,22 +340,72 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
       ckpt.close()
       writer.close()
       stop.uninstall()
-    lora = jax.device_get(state.lora)  # replicated: every process holds all of it
-    if distributed.is_writer():
-      checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
-                                         alpha=config.lora.alpha, rank=config.lora.rank)
-  return last, lora
+    if int(jax.device_get(state.step)) < t.num_steps:  # preempted
+      raise Preempted(int(jax.device_get(state.step)))
+    _finish(config, workdir, state, t.num_steps)
+  return last, jax.device_get(state.lora)
+
+
+def _finish(config, workdir: str, state, step: int) -> dict:
+  """The end of training: the LoRA file (written only now, with its step in its metadata).
+  Returns the last logged metrics."""
+  lora = jax.device_get(state.lora)  # replicated: every process holds all of it
+  if distributed.is_writer():
+    checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
+                                       alpha=config.lora.alpha, rank=config.lora.rank,
+                                       step=step)
+  return metrics_lib.last_row(workdir)
+
+
+def _restore_newest(config, workdir: str, target):
+  """(checkpointer, step, restored, meta) of the newest checkpoint that restores; (.., None,
+  None, None) for a new run. A checkpoint that fails is reported in one line, moved aside to
+  WORKDIR/checkpoints.broken/ (not deleted) and the one before it is tried."""
+  folder = os.path.join(workdir, "checkpoints")
+  broken = []
+  while True:
+    ckpt = checkpoint.Checkpointer(folder, keep=config.checkpoint.keep,
+                                   every=config.checkpoint.every)
+    latest = ckpt.latest_step()
+    if latest is None:
+      if broken:
+        ckpt.close()
+        raise RuntimeError(
+            f"no checkpoint in {folder} restores: steps {broken} failed and were moved to "
+            f"{folder}.broken/. Move one back after repairing it, or delete {folder} (and "
+            f"{folder}.broken) to start the run over")
+      return ckpt, None, None, None
+    try:
+      restored, meta = ckpt.restore(latest, target)
+      return ckpt, latest, restored, meta
+    except Exception as e:  # pylint: disable=broad-except  # any corruption: try the one before
+      ckpt.close()
+      cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      aside = os.path.join(f"{folder}.broken", f"{latest}-{int(time.time())}")
+      logging.error("checkpoint step %d in %s cannot be restored (%s: %s); moved to %s, trying "
+                    "the one before", latest, folder, type(e).__name__, cause, aside)
+      if distributed.is_writer():
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.rename(os.path.join(folder, str(latest)), aside)
+      distributed.barrier(f"checkpoint-{latest}-moved-aside")
+      broken.append(latest)
 
 
 def _fetch(pending: list, ckpt, workdir: str) -> dict:
   """The device metrics of the steps since the last fetch, to host; raises at the first
   non-finite loss among them. Returns the newest step's metrics as floats."""
   for step, m in zip([s for s, _ in pending], jax.device_get([m for _, m in pending])):
-    if not np.isfinite(m["loss"]):
+    if m["nonfinite"] or not np.isfinite(m["loss"]):
       ckpt.wait()
+      bad = [k for k in ("loss", "grad_norm", "update_norm") if not np.isfinite(m[k])]
+      latest = ckpt.latest_step()
+      good = ("none was written yet" if latest is None else
+              f"step {latest} in {os.path.join(workdir, 'checkpoints')}")
       raise NonFiniteLossError(
-          f"non-finite loss ({m['loss']}) at step {step}; stopping. Last good "
-          f"checkpoint: step {ckpt.latest_step()} in {os.path.join(workdir, 'checkpoints')}")
+          f"non-finite {', '.join(bad) or 'LoRA weights'} at step {step} (loss {m['loss']}, "
+          f"grad_norm {m['grad_norm']}, update_norm {m['update_norm']}); the step was not "
+          f"applied and nothing after it was saved. Last good checkpoint: {good}; lower "
+          "optim.lr or check the reward before resuming")
   return {k: float(v) for k, v in m.items()}
 
 

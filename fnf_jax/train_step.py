@@ -177,11 +177,19 @@ def train_step(loss_fn: Callable, reference_fn: Callable, tx: optax.GradientTran
   (_, (metrics, _)), grads = grad_fn(state.lora, frozen, batch, rng, reference_images, mask)
   updates, opt_state = tx.update(grads, state.opt_state, state.lora)
   lora = optax.apply_updates(state.lora, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                 update_norm=optax.global_norm(updates),
+  grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
+  # A step whose loss, gradients, update or new weights are not finite is not taken: the state
+  # stays as it was (so whatever is checkpointed is good) and `nonfinite` tells the loop, which
+  # stops at the next fetch naming this step. Four scalar checks, no host sync.
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+            & jnp.isfinite(optax.global_norm(lora)))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
+                 nonfinite=1.0 - finite.astype(jnp.float32),
                  lr=optimizer_lib.learning_rate(optim_cfg, state.opt_state,
                                                 state.step // max(optim_cfg.grad_accum, 1)))
-  return TrainState(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, lora=keep(lora, state.lora),
+                    opt_state=keep(opt_state, state.opt_state)), metrics
 
 
 def init_state(tx: optax.GradientTransformation, lora_cfg, rng, unet_params) -> TrainState:

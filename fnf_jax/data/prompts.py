@@ -14,6 +14,7 @@ mangled prompt file cannot go unnoticed.
 import csv
 import dataclasses
 import hashlib
+import io
 from typing import Callable
 
 from absl import logging
@@ -50,10 +51,19 @@ def _first(lines: list[int], n: int = 10) -> str:
 
 
 def _open(path: str):
+  """The file as text; an undecodable byte is reported with its line and offset."""
   try:
-    return open(path, newline="", encoding="utf-8")
+    with open(path, "rb") as f:
+      data = f.read()
   except FileNotFoundError:
     raise FileNotFoundError(f"prompt file not found: {path!r}") from None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}: line {line}, byte {e.start} (0x{data[e.start]:02x}) is not UTF-8 "
+                     f"({e.reason}); save the file as UTF-8") from None
+  return io.StringIO(text, newline="")
 
 
 def _read_rows(cfg) -> list[tuple[int, str, str]]:

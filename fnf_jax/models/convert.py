@@ -17,9 +17,11 @@ against what the config asks for, and a mismatch names the key and both shapes.
 import json
 import os
 import re
+import struct
 from typing import Any, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 import flax.linen as nn
@@ -85,11 +87,61 @@ def read_state_dict(paths: Iterable[str]) -> dict[str, np.ndarray]:
 
   out = {}
   for path in paths:
-    # framework="flax" keeps bfloat16 tensors (numpy has no bfloat16; ml_dtypes via jax does).
-    with safe_open(path, framework="flax") as f:
-      for key in f.keys():
-        out[key] = np.asarray(f.get_tensor(key))
+    try:
+      # framework="flax" keeps bfloat16 tensors (numpy has no bfloat16; ml_dtypes via jax does).
+      with safe_open(path, framework="flax") as f:
+        keys = list(f.keys())
+        for key in keys:
+          out[key] = np.asarray(f.get_tensor(key))
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # safetensors' errors omit the path
+      raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                            f"{e}); download or convert it again") from e
+    # NaN anywhere, or an infinity outside a mask buffer (OpenCLIP's attn_mask holds -inf by
+    # design): a broken download or conversion, whose every image would come out black.
+    bad = [k for k in keys if jnp.issubdtype(out[k].dtype, jnp.floating)
+           and (np.isnan(out[k]).any() or (not k.endswith("mask")
+                                           and not np.isfinite(out[k]).all()))]
+    if bad:
+      raise CheckpointError(f"{path}: tensors {bad[:5]} ({len(bad)} in all) hold NaN or "
+                            "infinite values; download or convert the weights again")
   return out
+
+
+# numpy dtype name -> safetensors dtype tag.
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                       "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Writes a .safetensors file with a stable byte layout: tensors and metadata in sorted order
+  (safetensors' own writer orders the metadata by a hash map, so equal inputs could give other
+  bytes). Written whole under a temporary name and renamed; open() honours the umask."""
+  header, chunks, offset = {}, [], 0
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype.name not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {a.dtype}, which safetensors cannot "
+                       f"hold (valid: {sorted(_SAFETENSORS_DTYPES)})")
+    data = a.tobytes()
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype.name], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    chunks.append(data)
+    offset += len(data)
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for data in chunks:
+      f.write(data)
+  os.replace(tmp, path)
 
 
 def read_component(folder: str) -> tuple[dict, dict[str, np.ndarray]]:

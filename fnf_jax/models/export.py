@@ -79,13 +79,11 @@ def _check(state: dict, module: nn.Module, inputs: tuple, where: str) -> None:
 
 
 def _write_component(folder: str, config: dict, state: dict, weights: str) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
   os.makedirs(folder)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   # transformers refuses safetensors files whose metadata names no framework.
-  save_file(state, os.path.join(folder, weights), metadata={"format": "pt"})
+  convert.write_safetensors(os.path.join(folder, weights), state, metadata={"format": "pt"})
 
 
 def export_pipeline(folder: str, *, unet_config, unet_params, vae_config, vae_params, text_config,
