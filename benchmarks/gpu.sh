@@ -43,11 +43,13 @@ else
   ATTN_FAST=cudnn DTYPE=bfloat16
 fi
 
+FAILED=""
 run() {  # name, command...: the command's output in $OUT/name.log, its last line printed
+  # A failure does not stop the others (device time is short); the exit status says it.
   local name=$1; shift
   echo "== $name: $*"
   if "$@" > "$OUT/$name.log" 2>&1; then tail -n 3 "$OUT/$name.log"; else
-    echo "FAILED ($name), last lines:"; tail -n 20 "$OUT/$name.log"; fi
+    echo "FAILED ($name), last lines:"; tail -n 20 "$OUT/$name.log"; FAILED="$FAILED $name"; fi
 }
 
 run unet_$ATTN_FAST $PY benchmarks/unet.py $UNET --dtype $DTYPE --attention $ATTN_FAST --torch no
@@ -60,3 +62,4 @@ else
   echo "== peer: skipped (diffusers / peft not importable; copy the wheels into .whl/)"
 fi
 echo "logs in $OUT"
+if [ -n "$FAILED" ]; then echo "failed:$FAILED"; exit 1; fi

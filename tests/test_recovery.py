@@ -176,7 +176,9 @@ def fixture_trained(tmp_path_factory):
   return workdir, read_metrics(workdir)
 
 
-@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+# One corruption in `make test`; the other three with the slow fault-injection suite.
+@pytest.mark.parametrize("how", [pytest.param(h, marks=() if h == "missing _METADATA" else
+                                              pytest.mark.slow) for h in sorted(CORRUPTIONS)])
 def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_one_before_resumes(
     how, trained, tmp_path, caplog):
   import shutil  # pylint: disable=import-outside-toplevel
