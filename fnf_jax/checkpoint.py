@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fnf_jax import distributed
+from fnf_jax import errors
 from fnf_jax.models import convert
 
 _ITEMS = ("state", "meta", "prng")
@@ -53,7 +54,7 @@ class Checkpointer:
     directory = str(directory)
     if "://" not in directory:  # orbax wants absolute local paths; keep gs:// etc. as given
       directory = os.path.abspath(directory)
-    self.directory = directory
+    self.directory, self.every = directory, every
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every,
         # `max_to_keep` is deprecated in favour of preservation policies in orbax 0.12.
@@ -80,14 +81,41 @@ class Checkpointer:
       bad = [k for k, v in dict(meta).items() if not _json_ok(v)]
       raise ValueError(
           f"checkpoint meta must be JSON-serialisable; offending keys {bad}: {e}") from e
-    if step in self._manager.all_steps():
+    steps = self._manager.all_steps()
+    if step in steps:
       return False
+    if force or step % self.every == 0 or not steps:  # orbax's policy: this step is saved
+      self._check_space(state, steps)
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
     impls = {jax.tree_util.keystr(p): str(jax.random.key_impl(x)) for p, x in flat if _is_key(x)}
     state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
                               prng=ocp.args.JsonSave(impls))
     return bool(self._manager.save(step, args=args, force=force))
+
+  def _check_space(self, state: Any, steps) -> None:
+    """Refuses a save that cannot fit, before writing a byte: the earlier checkpoints stay
+    whole, and the message says how much is needed (a save that fails half-way would leave only
+    orbax's RESOURCE_EXHAUSTED errors)."""
+    if "://" in self.directory:
+      return  # a bucket: no free-space figure
+    self.wait()  # the save in flight counts (orbax would wait for it before this one anyway)
+    done = [s for s in steps if os.path.isdir(os.path.join(self.directory, str(s)))]
+    if done:  # the size of the newest complete checkpoint, plus 10 %
+      folder = os.path.join(self.directory, str(max(done)))
+      needed = int(1.1 * sum(os.path.getsize(os.path.join(d, n))
+                             for d, _, names in os.walk(folder) for n in names))
+    else:  # the arrays, and orbax's metadata (about 1 MiB for these trees)
+      needed = sum(int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+                   for x in jax.tree.leaves(state) if not _is_key(x)) + 2**20
+    os.makedirs(self.directory, exist_ok=True)
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      newest = f"step {max(done)}" if done else "none yet"
+      raise DiskFullError(
+          f"{self.directory}: {free:,} bytes free, a checkpoint needs about {needed:,}; not "
+          f"saving (the earlier checkpoints are intact; newest: {newest}). Free space or move "
+          "the workdir, then run the same command again to resume")
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint step, or None.
@@ -167,6 +195,10 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class DiskFullError(errors.StopError, OSError):
+  """A checkpoint would not fit on the workdir's disk; nothing of it was written."""
 
 
 def _json_ok(value) -> bool:

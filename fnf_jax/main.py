@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fnf_jax import errors
 from fnf_jax import jobs
 from fnf_jax import validate
 
@@ -92,6 +93,9 @@ def main(argv):
   except validate.ConfigError as e:  # a bad value: its message is the whole story
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(2)
+  except errors.StopError as e:  # a run that cannot go on (disk full, workdir in use, NaN)
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

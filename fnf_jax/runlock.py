@@ -16,12 +16,14 @@ import time
 
 from absl import logging
 
+from fnf_jax import errors
+
 NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.StopError):
   """Another run holds the workdir."""
 
 

@@ -16,6 +16,7 @@ from absl import logging
 
 from fnf_jax import checkpoint
 from fnf_jax import distributed
+from fnf_jax import errors
 from fnf_jax import optimizer as optimizer_lib
 from fnf_jax import record
 from fnf_jax import runlock
@@ -31,7 +32,7 @@ from fnf_jax.data import prompts as prompts_lib
 from fnf_jax.rewards import registry
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.StopError, FloatingPointError):
   """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
@@ -370,7 +371,7 @@ def _restore_newest(config, workdir: str, target):
     if latest is None:
       if broken:
         ckpt.close()
-        raise RuntimeError(
+        raise errors.StopError(
             f"no checkpoint in {folder} restores: steps {broken} failed and were moved to "
             f"{folder}.broken/. Move one back after repairing it, or delete {folder} (and "
             f"{folder}.broken) to start the run over")

@@ -4,6 +4,7 @@ tidy outputs."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -221,3 +222,44 @@ def test_bad_files_are_named_with_the_tensor_line_or_byte(tmp_path):
   cfg.source, cfg.path = "text", str(text)
   with pytest.raises(ValueError, match=r"prompts.txt: line 3, byte 25 \(0xe9\) is not UTF-8"):
     prompts.load(cfg, "all")
+
+
+@pytest.mark.slow  # 85 s: with the fault-injection suite (`-m slow`)
+def test_a_full_disk_stops_in_one_line_and_the_earlier_checkpoints_restore(tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
+  try:
+    workdir = str(disk / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fnf_jax.main", "--config=configs/violence.py:runlocal",
+         f"--workdir={workdir}", "--config.train.num_steps=20", "--config.checkpoint.keep=10",
+         "--config.log.image_every=0"], cwd=os.path.dirname(os.path.dirname(__file__)),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_"
+                 "count=1 --xla_backend_optimization_level=0"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (fatal,) = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert re.search(rf"FATAL: {workdir}/checkpoints: [\d,]+ bytes free, a checkpoint needs "
+                     r"about [\d,]+; not saving \(the earlier checkpoints are intact; newest: "
+                     r"step (\d+)\)", fatal), fatal
+    assert "Traceback" not in proc.stderr and "RESOURCE_EXHAUSTED" not in proc.stderr
+    newest = int(re.search(r"newest: step (\d+)", fatal).group(1))
+    copy = str(tmp_path / "roomy")
+    shutil.copytree(workdir, copy)
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+  # On a disk with room, the newest checkpoint restores: the run is finished at that step.
+  from configs import violence  # pylint: disable=import-outside-toplevel
+
+  config = violence.get_config("runlocal")
+  config.train.num_steps, config.checkpoint.keep, config.log.image_every = newest, 10, 0
+  config.mesh.data = 1  # this process has 8 devices; the layout may change on resume
+  main.run_job(config, copy)
+  with safe_open(os.path.join(copy, "lora.safetensors"), "np") as f:
+    assert f.metadata()["step"] == str(newest)
