@@ -124,7 +124,8 @@ def write(workdir: str, config, examples, compute, *, shard_size: int, batch_siz
       # The last batch is padded with its last example (a whole global batch for the mesh);
       # the padding rows are dropped below.
       indices, refs, masks = compute(piece + piece[-1:] * (batch_size - len(piece)))
-      keep = np.asarray([i in {e.index for e in piece} for i in indices], bool)
+      wanted = {e.index for e in piece}
+      keep = np.asarray([i in wanted for i in indices], bool)
       first = np.unique(indices[keep], return_index=True)[1]  # a padded duplicate, once
       rows = np.flatnonzero(keep)[np.sort(first)]
       got["index"].append(np.asarray(indices)[rows].astype(np.int32))

@@ -236,7 +236,7 @@ def _fit(config, workdir: str, run: Run, changes: dict) -> tuple[dict, dict]:
     cached = reference_lib.Cache(workdir, config, run.examples)
   examples = select_examples(config, run.examples, cached)
   feed = examples_lib.Feed(examples, config.data.batch_size, config.seed)
-  init_key, rng = step_keys(config.seed)
+  init_key = step_keys(config.seed)[0]
   repl = sharding.replicated(mesh)
   # The step keys' root as a global array (every process saves its part of the checkpoint).
   rng = jax.jit(lambda: step_keys(config.seed)[1], out_shardings=repl)()

@@ -60,24 +60,14 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 CMD="${1:-help}"
 shift || true
+# shellcheck source=launch/common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 
 CONFIG="${CONFIG:-configs/violence.py}"
 PYTHON="${PYTHON:-python3}"
 NODES="${NODES:-${SLURM_JOB_NUM_NODES:-}}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}"
 PIN='jax[cuda12]>=0.10.2,<0.13'
-
-die() {
-  echo "$PROG $CMD: $*" >&2
-  exit 2
-}
-
-need() {
-  local v
-  for v in "$@"; do
-    [[ -n "${!v:-}" ]] || die "$v is not set (see '$PROG help'), e.g. $(example "$v")"
-  done
-}
 
 example() {
   case "$1" in
@@ -97,31 +87,6 @@ need_int() {
   for v in "$@"; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
   done
-}
-
-q() {
-  local safe='^[A-Za-z0-9_./:=@%+,-]+$'
-  if [[ "$1" =~ $safe ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-words() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(q "$w")"
-  done
-  printf '%s' "$out"
-}
-
-x() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+ %s\n' "$(words "$@")"
-  else
-    "$@"
-  fi
 }
 
 # The training command, without the distributed flags.

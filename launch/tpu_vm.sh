@@ -59,25 +59,14 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 CMD="${1:-help}"
 shift || true
+# shellcheck source=launch/common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 
 CONFIG="${CONFIG:-configs/violence.py}"
 REPO_DIR="${REPO_DIR:-fnf_jax}"
 LOG="${LOG:-fnf_jax.log}"
 SPOT="${SPOT:-0}"
 PIN='jax[tpu]>=0.10.2,<0.13'
-
-die() {
-  echo "$PROG $CMD: $*" >&2
-  exit 2
-}
-
-# need VAR... : every VAR is set and not empty.
-need() {
-  local v
-  for v in "$@"; do
-    [[ -n "${!v:-}" ]] || die "$v is not set (see '$PROG help'), e.g. $(example "$v")"
-  done
-}
 
 example() {
   case "$1" in
@@ -89,34 +78,6 @@ example() {
     MODEL) echo "MODEL=/mnt/bucket/models/stable-diffusion-v1-4" ;;
     *) echo "$1=..." ;;
   esac
-}
-
-# q WORD: WORD quoted for a POSIX shell (as is when it needs no quotes).
-q() {
-  local safe='^[A-Za-z0-9_./:=@%+,-]+$'
-  if [[ "$1" =~ $safe ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# words WORD...: the words quoted and joined by spaces (one shell command line).
-words() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(q "$w")"
-  done
-  printf '%s' "$out"
-}
-
-# x CMD...: run CMD, or print it under DRY_RUN=1.
-x() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+ %s\n' "$(words "$@")"
-  else
-    "$@"
-  fi
 }
 
 gflags() {

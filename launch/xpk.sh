@@ -67,24 +67,14 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 CMD="${1:-help}"
 shift || true
+# shellcheck source=launch/common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 
 CONFIG="${CONFIG:-configs/violence.py}"
 NUM_SLICES="${NUM_SLICES:-1}"
 MAX_RESTARTS="${MAX_RESTARTS:-10}"
 MOUNT="${MOUNT:-/models}"
 SPOT="${SPOT:-0}"
-
-die() {
-  echo "$PROG $CMD: $*" >&2
-  exit 2
-}
-
-need() {
-  local v
-  for v in "$@"; do
-    [[ -n "${!v:-}" ]] || die "$v is not set (see '$PROG help'), e.g. $(example "$v")"
-  done
-}
 
 example() {
   case "$1" in
@@ -99,31 +89,6 @@ example() {
     MODEL) echo "MODEL=/models/stable-diffusion-v1-4" ;;
     *) echo "$1=..." ;;
   esac
-}
-
-q() {
-  local safe='^[A-Za-z0-9_./:=@%+,-]+$'
-  if [[ "$1" =~ $safe ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-words() {
-  local out="" w
-  for w in "$@"; do
-    out+="${out:+ }$(q "$w")"
-  done
-  printf '%s' "$out"
-}
-
-x() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+ %s\n' "$(words "$@")"
-  else
-    "$@"
-  fi
 }
 
 where() {
