@@ -4,7 +4,8 @@
 #   2. our full Focus-N-Fix step at 512², 50 DDIM steps, CFG 7.5, K = 2, LoRA r = 64, the cached
 #      reference, 4 images a step;
 #   3. the PyTorch peer (diffusers + peft, peer_draft_torch.py) with the same settings, eager
-#      and with torch.compile.
+#      and with torch.compile;
+#   4. RAHF (ViT-L/16-384 + t5-base) at 384², batch 4, beside transformers' ViT + T5 on the GPU.
 # The GPU machine has jax but no ml-collections or diffusers and no network: before the call,
 # copy the wheels and the peer into the git-ignored .whl/ (it travels with the checkout):
 #     echo /.whl/ >> .git/info/exclude
@@ -35,11 +36,13 @@ if [ $DRY = 1 ]; then
   UNET="--config tiny --batch 2 --iters 2"
   STEP="--model tiny --batch 2 --steps 3 --grad_steps 2 --rank 4 --reference cache --iters 2"
   PEER_ARGS="--tiny --repeats 1"
+  RAHF="--config tiny --batch 2 --iters 2"
   ATTN_FAST=xla DTYPE=float32
 else
   UNET="--config sd15 --batch 8 --iters 20"
   STEP="--model sd15 --batch 4 --steps 50 --grad_steps 2 --rank 64 --reference cache --iters 5"
   PEER_ARGS="--images 4 --steps 50 --grad-steps 2 --rank 64"
+  RAHF="--config real --batch 4 --iters 5"
   ATTN_FAST=cudnn DTYPE=bfloat16
 fi
 
@@ -55,6 +58,11 @@ run() {  # name, command...: the command's output in $OUT/name.log, its last lin
 run unet_$ATTN_FAST $PY benchmarks/unet.py $UNET --dtype $DTYPE --attention $ATTN_FAST --torch no
 run unet_xla $PY benchmarks/unet.py $UNET --dtype $DTYPE --attention xla --torch no
 run step_$ATTN_FAST $PY benchmarks/train_step.py $STEP --dtype $DTYPE --attention $ATTN_FAST
+if $PY -c "import torch, transformers" 2>/dev/null; then
+  run rahf $PY benchmarks/rahf.py $RAHF
+else
+  echo "== rahf: skipped (torch / transformers not importable; copy the wheels into .whl/)"
+fi
 if $PY -c "import diffusers, peft" 2>/dev/null; then
   run peer_eager $PY "$PEER" $PEER_ARGS
   run peer_compile $PY "$PEER" $PEER_ARGS --compile

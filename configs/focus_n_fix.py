@@ -175,6 +175,50 @@ def clip_reward(name: str, weights: str = "") -> ml_collections.ConfigDict:
   return r
 
 
+def rahf_reward(name: str) -> ml_collections.ConfigDict:
+  """A RAHF reward (rahf_plausibility | rahf_alignment; fnf_jax/rewards/rahf.py): the score of
+  the model's head and its heatmap as the mask. README, "RAHF rewards", says how to get the
+  weights."""
+  r = ml_collections.ConfigDict()
+  r.name = name
+  r.vit_path = "/models/vit-large-patch16-384"  # transformers ViT folder: config + preprocessor
+  r.t5_path = "/models/t5-base"  # transformers T5 folder: config.json + tokenizer.json
+  r.weights = "/models/rahf/rahf.safetensors"  # tools/convert_rahf.py's output ("tiny": random)
+  r.dtype = "bfloat16"  # compute dtype of ViT, T5 and heads
+  r.remat = True  # rematerialise each ViT / T5 layer in the backward pass (reward gradients)
+  # T5 tokens of the prompt, padded (and masked) to this length; longer prompts are truncated
+  # and reported when the prompts load. PartiPrompts' longest is about 110 T5 tokens.
+  r.max_prompt_tokens = 128
+  return r
+
+
+def rahf_mask(c: ml_collections.ConfigDict) -> None:
+  """The mask of a RAHF heatmap, which is a detection in [0, 1] (RichHF-18K's maps are blurred
+  annotator points), not a saliency: an absolute threshold marks its regions, and an image
+  whose heatmap never reaches gate_threshold has nothing to fix."""
+  c.mask.threshold_mode = "absolute"
+  c.mask.threshold = 0.1
+  c.mask.gate = "peak"
+  c.mask.gate_threshold = 0.3
+
+
+def tiny_rahf(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The RAHF configs' CPU variant: runlocal, with a tiny random RAHF in place of the colour
+  reward (the same reward code, heads and mask chain; only the weights are random)."""
+  name = c.reward.name
+  c = runlocal(c)
+  c.reward = rahf_reward(name)
+  c.reward.weights = "tiny"
+  c.reward.vit_path = c.reward.t5_path = ""
+  c.reward.dtype = "float32"
+  c.reward.max_prompt_tokens = 16
+  c.mask.threshold_mode = "quantile"
+  c.mask.threshold = 0.8  # the top fifth of a random heatmap: a region, not the whole image
+  c.mask.dilation = 0
+  c.mask.gate = "none"
+  return c
+
+
 def variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies the config argument (`--config=configs/x.py:runlocal`); None keeps the real run."""
   if arg == "runlocal":

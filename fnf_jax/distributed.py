@@ -42,9 +42,14 @@ def _detectable() -> bool:
     return True
 
 
+_started = False
+
+
 def initialize(d) -> None:
-  """Starts the multi-process runtime once, before any other JAX use (no-op when disabled)."""
-  if not d.enabled:
+  """Starts the multi-process runtime once, before any other JAX use (no-op when disabled, or
+  when this process has started it already: the training job does so before taking its lock)."""
+  global _started
+  if not d.enabled or _started:
     return
   # validate.distributed has checked the fields by hand; what is left is the environment.
   explicit = validate.distributed_explicit(d)
@@ -63,6 +68,7 @@ def initialize(d) -> None:
                                process_id=d.process_id)
   else:
     jax.distributed.initialize()
+  _started = True
   logging.info("process %d of %d, %d local of %d devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -241,13 +241,13 @@ class Cache:
     return out["reference"], out["mask"]
 
 
-def compute_fn(reference, frozen, pipe, config, *, mesh, rules):
+def compute_fn(reference, frozen, pipe, config, *, mesh, rules, reward=None):
   """examples (one global batch) -> (indices, Î0, M) of this process's rows, with the frozen
   model; `reference` is the run's jitted `step.reference` (fnf_jax.train.Run.reference_fn)."""
   from fnf_jax import train  # pylint: disable=g-import-not-at-top  # the batch layout lives there
 
   def compute(chunk):
-    batch, _ = train.local_batch(pipe, chunk, config, mesh, rules)
+    batch, _ = train.local_batch(pipe, chunk, config, mesh, rules, reward)
     indices = batch.pop("index")
     ref, mask = reference(frozen, batch)
     return (distributed.local_value(indices), distributed.local_value(ref),

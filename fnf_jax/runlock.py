@@ -27,6 +27,10 @@ class WorkdirLockedError(errors.StopError):
   """Another run holds the workdir."""
 
 
+class UnwritableWorkdirError(errors.StopError):
+  """The workdir cannot be created or written."""
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -75,9 +79,16 @@ def hold(workdir: str, enabled: bool = True):
   if not enabled:
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, NAME)
-  if not _create(path):
+  try:  # the run's first write into the workdir: where it cannot write, it stops here
+    os.makedirs(workdir, exist_ok=True)
+    created = _create(path)
+  except OSError as e:
+    raise UnwritableWorkdirError(
+        f"{workdir}: the workdir cannot be written ({e.strerror}: {e.filename}); a run writes "
+        "its checkpoints (each the size of the LoRA and its optimizer state), metrics and "
+        "record there. Use a --workdir this user can write, or fix its permissions") from None
+  if not created:
     holder = _holder(path)
     why = _stale(path, holder)
     if why is None:

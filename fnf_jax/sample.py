@@ -29,7 +29,8 @@ def run(config, workdir: str) -> list[dict]:
   distributed.initialize(config.distributed)
   pipe = pipeline.load(config.model.path, dtype=config.model.dtype,
                        attention_impl=config.model.attention)
-  prompts, _ = prompts_lib.load(config.prompts, split=config.prompts.split)
+  prompts, _ = prompts_lib.load(config.prompts, split=config.prompts.split,
+                                limits=examples.prompt_limits(pipe))
   jobs = [(p, seed) for p in prompts for seed in config.seeds]
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)

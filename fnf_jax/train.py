@@ -63,11 +63,9 @@ def load_pipeline(config) -> pipeline_lib.Pipeline:
                            unet_remat=config.model.unet_remat, vae_remat=config.model.vae_remat)
 
 
-def training_examples(config, pipe, split: str = "train") -> list:
-  tok = pipe.tokenizers[0]
+def training_examples(config, pipe, split: str = "train", reward=None) -> list:
   prompts, _ = prompts_lib.load(config.prompts, split,
-                                count_tokens=lambda p: len(tok.encode(p)) + 2,
-                                max_tokens=tok.model_max_length)
+                                limits=examples_lib.prompt_limits(pipe, reward))
   return examples_lib.make_examples(prompts, config.data.seeds_per_prompt, config.seed)
 
 
@@ -105,7 +103,7 @@ def setup(config, base: Run | None = None) -> Run:
   step = train_step.build(pipe, reward, config)
   return Run(config=config, pipe=pipe, reward=reward, step=step, mesh=mesh, rules=rules,
              frozen=frozen, frozen_shardings=frozen_shardings,
-             examples=training_examples(config, pipe),
+             examples=training_examples(config, pipe, reward=reward),
              reference_fn=jax.jit(step.reference), eval_images_fn=jax.jit(step.eval_images))
 
 
@@ -129,13 +127,13 @@ def local_rows(size: int, mesh, rules) -> range:
   return distributed.local_rows(sharding.batch_sharding(mesh, 1, rules), (size,))
 
 
-def host_rows(pipe, examples: list, config, rows: range, cached=None) -> dict:
+def host_rows(pipe, examples: list, config, rows: range, cached=None, reward=None) -> dict:
   """This process's rows of the global batch `examples`, as numpy arrays: tokens, x_T (and
   sampler noise), and with a cache its Î0 and M, read for these rows only."""
   s = config.sampling
   batch = examples_lib.host_batch(pipe, examples[rows.start:rows.stop],
                                   negative_prompt=s.negative_prompt, num_steps=s.num_steps,
-                                  eta=s.eta)
+                                  eta=s.eta, reward=reward)
   if cached is not None:
     batch["reference"], batch["mask"] = cached.get(batch["index"])
   return batch
@@ -146,9 +144,10 @@ def to_global(host: dict, shardings: dict, size: int) -> dict:
   return distributed.global_batch(host, shardings, size, {k: batch_axis(k) for k in host})
 
 
-def local_batch(pipe, examples: list, config, mesh, rules) -> tuple[dict, dict]:
+def local_batch(pipe, examples: list, config, mesh, rules, reward=None) -> tuple[dict, dict]:
   """(global batch, its shardings) of the examples, each process building only its rows."""
-  host = host_rows(pipe, examples, config, local_rows(len(examples), mesh, rules))
+  host = host_rows(pipe, examples, config, local_rows(len(examples), mesh, rules),
+                   reward=reward)
   shardings = batch_shardings(host, mesh, rules)
   return to_global(host, shardings, len(examples)), shardings
 
@@ -158,9 +157,8 @@ def local_batch(pipe, examples: list, config, mesh, rules) -> tuple[dict, dict]:
 
 def cache(config, workdir: str, run: Run | None = None) -> str:
   """The `cache` job: writes the reference of every training example to WORKDIR/reference."""
-  run = run or setup(config)
-  with runlock.hold(workdir, distributed.is_writer()):
-    return _cache(config, workdir, run)
+  with _workdir_held(config, workdir, run):
+    return _cache(config, workdir, run or setup(config))
 
 
 def _cache(config, workdir: str, run: Run) -> str:
@@ -170,7 +168,7 @@ def _cache(config, workdir: str, run: Run) -> str:
   with run.mesh, nn.logical_axis_rules(run.rules):
     reference = jax.jit(run.step.reference, out_shardings=out)
     compute = reference_lib.compute_fn(reference, run.frozen, run.pipe, config, mesh=run.mesh,
-                                       rules=run.rules)
+                                       rules=run.rules, reward=run.reward)
     return reference_lib.write(workdir, config, run.examples, compute,
                              shard_size=config.cache.shard_size,
                                  batch_size=config.data.batch_size, dtype=config.cache.dtype)
@@ -211,9 +209,18 @@ def fit(config, workdir: str, run: Run | None = None) -> tuple[dict, dict]:
   # A resume whose settings differ where a checkpoint cannot follow fails here, before
   # anything loads; a bad config or cluster fails in setup, before the workdir exists.
   changes = record.check_resume(config, workdir)
-  run = run or setup(config)
-  with runlock.hold(workdir, distributed.is_writer()):
-    return _fit(config, workdir, run, changes)
+  with _workdir_held(config, workdir, run):
+    return _fit(config, workdir, run or setup(config), changes)
+
+
+def _workdir_held(config, workdir: str, run: Run | None):
+  """WORKDIR/run.lock, taken before the models load (the processes must know which of them is
+  process 0, hence the cluster first): a second run, or an unwritable workdir, stops at once."""
+  if run is None:
+    distributed.initialize(config.distributed)
+    # The batch against the devices, known now: a bad one leaves no workdir behind.
+    validate.check_batch(config, sharding.make_mesh(dict(config.mesh)).size)
+  return runlock.hold(workdir, distributed.is_writer())
 
 
 class Preempted(SystemExit):
@@ -280,7 +287,8 @@ def _fit(config, workdir: str, run: Run, changes: dict) -> tuple[dict, dict]:
 
     batch_size = config.data.batch_size
     rows = local_rows(batch_size, mesh, run.rules)
-    make_host = lambda p: host_rows(run.pipe, feed.batch_at(p), config, rows, cached)
+    make_host = lambda p: host_rows(run.pipe, feed.batch_at(p), config, rows, cached,
+                                    run.reward)
     host = make_host(0)
     b_shardings = batch_shardings(host, mesh, run.rules)
     jitted = jax.jit(run.step.train_step,

@@ -9,7 +9,8 @@ state   TrainState: LoRA params, optimizer state, step (all that changes).
 frozen  {"unet", "vae", "text_encoder"[, "text_encoder_2"], "reward"}: arguments, never
         closed over, so XLA does not constant-fold gigabytes of weights into the executable.
 batch   {"ids", "neg_ids": [E, B, 77] int32, "x_T": [B, h, w, C], ["noise": [S, B, h, w, C]],
-         ["reference": [B, H, W, 3], "mask": [B, H, W]] (cached reference mode)}.
+         ["reference": [B, H, W, 3], "mask": [B, H, W]] (cached reference mode),
+         ["reward_ids": [B, L] int32] (a reward with its own tokenizer: registry.Reward)}.
 
 Per example: Î0 and M come from the frozen model with the same x_T and sampler noise (cached, or
 computed here without gradient); Î is sampled with the LoRA model, gradient through the last K
@@ -108,8 +109,16 @@ def reference(pipe, reward: registry.Reward, s: Sampler, mask_cfg, frozen,
   images = pipe.decode(frozen["vae"], x0)
   # The reward's region even when the objective ignores it (objective.mask = "ones", DRaFT):
   # the change inside / outside it is what compares the two methods.
-  mask = reward_mask(reward, mask_cfg, frozen["reward"], images, batch["ids"])
+  mask = reward_mask(reward, mask_cfg, frozen["reward"], images, reward_ids(reward, batch))
   return jax.lax.stop_gradient(images), jax.lax.stop_gradient(mask)
+
+
+def reward_ids(reward: registry.Reward, batch, copies: int = 1) -> jax.Array:
+  """The prompt ids `reward` reads, tiled `copies` times along the batch: its own tokenizer's
+  ("reward_ids" [B, L]) or the pipeline's ("ids" [E, B, T])."""
+  if reward.tokenize is not None:
+    return jnp.concatenate([batch["reward_ids"]] * copies, 0)
+  return jnp.concatenate([batch["ids"]] * copies, 1)
 
 
 def reward_mask(reward: registry.Reward, mask_cfg, params, images, ids) -> jax.Array:
@@ -162,7 +171,7 @@ def loss(pipe, reward: registry.Reward, s: Sampler, obj_cfg, lora_scale: float, 
   copies = s.copies
   tile = lambda x: jnp.concatenate([x] * copies, axis=0)
   reference_images, mask = tile(reference_images), tile(mask)
-  ids = jnp.concatenate([batch["ids"]] * copies, 1)
+  ids = reward_ids(reward, batch, copies)
   seen = objective.reward_input(images, mask, obj_cfg.reward_region)
   rewards = reward.score(frozen["reward"], seen, ids)
   total, metrics = objective.loss(rewards=rewards, images=images, reference=reference_images,

@@ -140,6 +140,13 @@ def reward(config) -> None:
     number(config, "reward.scale", 0.0, open_low=True)
   if "prompt_encoder" in fields:
     integer(config, "reward.prompt_encoder", 0, 1)
+  if "max_prompt_tokens" in fields:
+    integer(config, "reward.max_prompt_tokens", 2)
+  if entries[name].fields == registry.RAHF_FIELDS and value(config, "reward.weights") != "tiny":
+    # Checked here, before the diffusion model loads ("tiny": random weights, no folders).
+    existing(config, "reward.vit_path", folder=True)
+    existing(config, "reward.t5_path", folder=True)
+    existing(config, "reward.weights", folder=False)
   if "color" in fields:
     color = value(config, "reward.color")
     if len(color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color):

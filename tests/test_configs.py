@@ -6,7 +6,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINING = ("violence", "oversexualization", "plausibility", "draft")
+TRAINING = ("violence", "oversexualization", "plausibility", "alignment", "draft")
 
 
 def load(name):

@@ -159,10 +159,12 @@ def test_text_file_reports_empty_and_overlong_lines(tmp_path, caplog):
   path = tmp_path / "p.txt"
   path.write_text("a red circle\n\n   \n" + "word " * 100 + "\nblue square\n")
   got, report = prompts.load(_cfg(source="text", path=str(path), eval_fraction=0.0),
-                             count_tokens=lambda p: len(p.split()) + 2, max_tokens=77)
-  assert report.empty_lines == [2, 3] and report.too_long == [4]
+                             limits=[prompts.TokenLimit("words", lambda p: len(p.split()) + 2, 77),
+                                     prompts.TokenLimit("letters", len, 20)])
+  assert report.empty_lines == [2, 3]
+  assert report.too_long == {"words": (77, [4]), "letters": (20, [4])}
   assert len(got) == 3  # over-long prompts are kept (the tokenizer truncates them), and reported
-  assert "2 empty line(s)" in report.summary("p.txt") and "truncated (lines 4)" in report.summary("p.txt")
+  assert "2 empty line(s)" in report.summary("p.txt") and "longer than words's 77 tokens, truncated (lines 4)" in report.summary("p.txt")
   with pytest.raises(FileNotFoundError, match="nowhere.txt"):
     prompts.load(_cfg(source="text", path=str(tmp_path / "nowhere.txt")))
   with pytest.raises(ValueError, match="parti"):

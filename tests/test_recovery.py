@@ -263,3 +263,67 @@ def test_a_full_disk_stops_in_one_line_and_the_earlier_checkpoints_restore(tmp_p
   main.run_job(config, copy)
   with safe_open(os.path.join(copy, "lora.safetensors"), "np") as f:
     assert f.metadata()["step"] == str(newest)
+
+
+def test_an_unwritable_workdir_stops_in_one_line_before_anything_loads(tmp_path, monkeypatch):
+  def no_setup(*_):
+    raise AssertionError("setup ran: the workdir should have been refused first")
+
+  monkeypatch.setattr(train, "setup", no_setup)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  workdir = str(blocker / "run")  # under a regular file: ENOTDIR, whoever the user is
+  with pytest.raises(runlock.UnwritableWorkdirError,
+                     match=rf"^{workdir}: the workdir cannot be written \(Not a directory: "):
+    main.run_job(tiny_config(), workdir)
+  # The lock is met before the models load too.
+  other = str(tmp_path / "other")
+  with runlock.hold(other):
+    with pytest.raises(runlock.WorkdirLockedError):
+      main.run_job(tiny_config(), other)
+
+
+@pytest.mark.slow  # 15 s: with the fault-injection suite (`-m slow`)
+def test_a_read_only_workdir_exits_1_with_one_fatal_line(tmp_path):
+  disk = tmp_path / "ro"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip()}): needs root")
+  try:
+    workdir = str(disk / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fnf_jax.main", "--config=configs/violence.py:runlocal",
+         f"--workdir={workdir}"], cwd=os.path.dirname(os.path.dirname(__file__)),
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  (fatal,) = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+  assert fatal.startswith(f"FATAL: {workdir}: the workdir cannot be written (Read-only file "
+                          "system: "), fatal
+  assert "Traceback" not in proc.stderr
+
+
+def test_long_prompts_are_reported_alike_by_every_job(tmp_path, caplog):
+  import tiny_pipelines  # pylint: disable=import-outside-toplevel
+  from configs import sample as sample_config  # pylint: disable=import-outside-toplevel
+  from fnf_jax import pipeline  # pylint: disable=import-outside-toplevel
+
+  folder = str(tmp_path / "model")
+  tiny_pipelines.build("sd1", folder)
+  texts = ("a red circle", "word " * 90, "a blue square")
+  expected = ("config prompts.texts: 1 prompt(s) longer than the text encoder's 77 tokens, "
+              "truncated (lines 2)")
+  caplog.set_level("INFO")
+  config = tiny_config()
+  config.model.path = folder
+  config.prompts.source, config.prompts.texts, config.prompts.eval_fraction = "list", texts, 0.0
+  train.training_examples(config, pipeline.load(folder))
+  assert expected in caplog.text
+  caplog.clear()
+  job = sample_config.get_config()
+  job.model.path, job.prompts.texts, job.seeds, job.sampling.num_steps = folder, texts, (0,), 1
+  main.run_job(job, str(tmp_path / "work"))
+  assert expected in caplog.text

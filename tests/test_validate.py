@@ -34,7 +34,7 @@ CASES = [
     (TRAIN, "mask.threshold_mode=otsu", "config.mask.threshold_mode = 'otsu' is not one of ('absolute', 'quantile')"),
     (TRAIN, "optim.schedule=linear", "config.optim.schedule = 'linear' is not one of ('constant', 'cosine')"),
     (TRAIN, "cache.dtype=int8", "config.cache.dtype = 'int8' is not one of ('float32', 'float16')"),
-    (TRAIN, "reward.name=nope", "config.reward.name = 'nope' is not one of ('clip_score', 'color', 'laion_aesthetic', 'laion_nsfw', 'q16', 'toy_defect', 'zero_shot_safety')"),
+    (TRAIN, "reward.name=nope", "config.reward.name = 'nope' is not one of ('clip_score', 'color', 'laion_aesthetic', 'laion_nsfw', 'q16', 'rahf_alignment', 'rahf_plausibility', 'toy_defect', 'zero_shot_safety')"),
     (TRAIN, "reward.name=q16", "config.reward.clip_path is missing: config.reward has no field 'clip_path'"),
     ("configs/violence.py", REAL + ("reward.saliency=lime",), "config.reward.saliency = 'lime' is not one of ('gradxinput', 'gradcam')"),
     ("configs/violence.py", REAL + ("reward.dtype=int8",), "config.reward.dtype = 'int8' is not one of ('float32', 'bfloat16')"),
@@ -90,6 +90,10 @@ CASES = [
     (TRAIN, "model.path=/nonexistent/sd15", "config.model.path = '/nonexistent/sd15': no such folder"),
     ("configs/violence.py", "model.path=", "config.model.path is empty. Pass a diffusers-format"),
     ("configs/violence.py", "model.path=tiny", "config.prompts.path = 'data/i2p_benchmark.csv': no such file"),
+    # the RAHF rewards: their folders and file, before the diffusion model loads
+    ("configs/plausibility.py:runlocal", "reward.max_prompt_tokens=1", "config.reward.max_prompt_tokens = 1 is not valid: it must be an integer >= 2"),
+    ("configs/alignment.py:runlocal", "reward.weights=/nowhere/rahf.safetensors", "config.reward.vit_path = '': no such folder"),
+    ("configs/alignment.py:runlocal", ("reward.weights=/nowhere/rahf.safetensors", "reward.vit_path=tests", "reward.t5_path=tests"), "config.reward.weights = '/nowhere/rahf.safetensors': no such file"),
     # the sample job
     ("configs/sample.py:runlocal", "seeds=()", "config.seeds = () is not valid: it must be a non-empty tuple"),
     ("configs/sample.py:runlocal", "batch_size=0", "config.batch_size = 0 is not valid: it must be an integer >= 1"),
@@ -135,7 +139,8 @@ def test_the_configs_as_shipped_are_valid():
   import importlib.util  # pylint: disable=import-outside-toplevel
 
   for name, arg in (("violence", "runlocal"), ("oversexualization", "runlocal"),
-                    ("plausibility", "runlocal"), ("draft", "runlocal"), ("toy", None),
+                    ("plausibility", "runlocal"), ("alignment", "runlocal"), ("draft", "runlocal"),
+                    ("toy", None),
                     ("toy", "runlocal"), ("toy_pretrain", None), ("toy_pretrain", "runlocal"),
                     ("sample", "runlocal")):
     spec = importlib.util.spec_from_file_location(f"c_{name}", f"{ROOT}/configs/{name}.py")
@@ -157,3 +162,68 @@ def test_a_missing_field_is_named():
          "min_mask_area": 0.0, "prefetch": 0}, "sampling": {"num_steps": 1, "guidance_scale": 1.0,
          "negative_prompt": "", "eta": 0.0}, "lora": {"rank": 1, "alpha": 1.0, "targets": "x"},
          "train": {"num_steps": 1}}))
+
+
+# Numeric fields where 0 or -1 means something (the config files document each): everything
+# else must be refused at those values.
+MEANINGFUL = {
+    0: {"data.min_mask_area",  # no area filter
+        "data.prefetch",  # batches built on the training thread
+        "distributed.num_processes", "distributed.process_id",  # detected from the cluster
+        "log.image_every", "mask.blur", "mask.dilation", "mask.threshold",
+        "mask.gate_threshold",  # a score gate at 0 (rewards may be negative)
+        "objective.beta", "objective.gamma", "draft.objective.beta", "draft.objective.gamma",
+        "optim.b1", "optim.b2", "optim.warmup_steps", "optim.weight_decay",
+        "prompts.eval_fraction", "sampling.eta", "sampling.guidance_scale",
+        "seed", "data_seed", "eval.seed_offset", "defect_rate", "eval.guidance_scale",
+        "reward.warmup_steps", "reward.weight_decay", "unet.caption_dropout", "unet.ema_decay",
+        "unet.warmup_steps", "unet.weight_decay", "vae.defect_rate", "vae.defect_weight",
+        "vae.kl_weight", "vae.min_defect_recall", "vae.warmup_steps", "vae.weight_decay"},
+    -1: {"distributed.process_id",  # detected from the cluster
+         "mesh.data", "mesh.fsdp",  # "the rest of the devices"
+         "mask.gate_threshold"},
+}
+
+
+def _numeric_leaves(node, prefix=""):
+  for key in node.keys():
+    value = node[key]
+    if hasattr(value, "keys"):
+      yield from _numeric_leaves(value, f"{prefix}{key}.")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f"{prefix}{key}", node, key
+    elif isinstance(value, tuple) and value and all(isinstance(v, int) for v in value):
+      yield f"{prefix}{key}", node, key
+
+
+def test_counts_rates_and_seeds_out_of_range_are_refused():
+  import copy  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  accepted = []
+  for name, arg in (("violence", "runlocal"), ("toy", None), ("toy_pretrain", None),
+                    ("sample", "runlocal")):
+    spec = importlib.util.spec_from_file_location(f"c_{name}", f"{ROOT}/configs/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = module.get_config(arg)
+    for key, _, _ in list(_numeric_leaves(base)):
+      original = eval(f"base.{key}")  # pylint: disable=eval-used
+      bad_values = [(), (1.5,)] if isinstance(original, tuple) else [0, -1]
+      for bad in bad_values:
+        if not isinstance(bad, tuple) and key in MEANINGFUL[bad]:
+          continue
+        config = copy.deepcopy(base)
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+          node = node[p]
+        with config.unlocked():
+          node[leaf] = bad if not isinstance(original, float) or isinstance(bad, tuple) \
+              else float(bad)
+        try:
+          validate.validate(config)
+          accepted.append(f"{name}: {key} = {bad!r}")
+        except validate.ConfigError as e:
+          assert key.split(".")[-1] in str(e), (name, key, str(e))
+  assert not accepted, "\n".join(accepted)

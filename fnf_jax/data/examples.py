@@ -67,10 +67,25 @@ def sampler_noise(seed: int, num_steps: int, latent_shape: tuple[int, ...]) -> n
                                       (num_steps,) + tuple(latent_shape)))
 
 
+def prompt_limits(pipe, reward=None) -> list:
+  """The token limits of the tokenizers that read a job's prompts (fnf_jax.data.prompts): the
+  pipeline's first text encoder (CLIP's encode counts no bos / eos: +2), and the reward's own
+  tokenizer where it has one. Every job that reads prompts passes these, so each reports an
+  over-long prompt the same way."""
+  from fnf_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  tok = pipe.tokenizers[0]
+  limits = [prompts_lib.TokenLimit("the text encoder", lambda p: len(tok.encode(p)) + 2,
+                                   tok.model_max_length)]
+  if reward is not None and getattr(reward, "prompt_limit", None) is not None:
+    limits.append(reward.prompt_limit)
+  return limits
+
+
 def host_batch(pipe, examples: list[Example], *, negative_prompt: str, num_steps: int,
-               eta: float) -> dict:
+               eta: float, reward=None) -> dict:
   """The step's inputs for `examples` as numpy arrays (each process passes its own rows of the
-  global batch: fnf_jax.train.host_rows)."""
+  global batch: fnf_jax.train.host_rows); with a reward that tokenizes prompts its own way,
+  also its ids ("reward_ids")."""
   prompts = [e.prompt for e in examples]
   batch = {
       "ids": pipe.tokenize(prompts),
@@ -78,6 +93,8 @@ def host_batch(pipe, examples: list[Example], *, negative_prompt: str, num_steps
       "x_T": np.stack([initial_noise(e.seed, pipe.latent_shape) for e in examples]),
       "index": np.asarray([e.index for e in examples], np.int32),
   }
+  if reward is not None and reward.tokenize is not None:
+    batch["reward_ids"] = np.asarray(reward.tokenize(prompts), np.int32)
   if eta > 0:
     batch["noise"] = np.stack([sampler_noise(e.seed, num_steps, pipe.latent_shape)
                                for e in examples], axis=1)

@@ -6,16 +6,17 @@
     parti    PartiPrompts TSV, column `Prompt`             `Category` in config.categories
     i2p      I2P CSV, column `prompt`                      any of config.categories in `categories`
 
-Empty lines are skipped and over-long prompts (more tokens than the text encoder takes) are
-truncated as the tokenizer would, and both are reported with their line numbers, so a silently
-mangled prompt file cannot go unnoticed.
+Empty lines are skipped and over-long prompts (more tokens than a tokenizer that reads them
+takes: the text encoder's, and a reward's own where it has one) are truncated as that tokenizer
+would, and both are reported with their line numbers, in the same words by every job (through
+`TokenLimit`s that the job passes), so a silently mangled prompt file cannot go unnoticed.
 """
 
 import csv
 import dataclasses
 import hashlib
 import io
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import logging
 
@@ -25,21 +26,32 @@ SOURCES = choices.PROMPT_SOURCES
 SPLITS = choices.PROMPT_SPLITS
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLimit:
+  """A tokenizer that reads the prompts: `count(prompt)` tokens (special tokens included) of
+  at most `max_tokens`; beyond that it truncates."""
+
+  name: str  # e.g. "the text encoder", "reward rahf_alignment's T5"
+  count: Callable[[str], int]
+  max_tokens: int
+
+
 @dataclasses.dataclass
 class PromptReport:
   """What loading found wrong with a prompt source (1-based line numbers in the file)."""
 
   empty_lines: list[int] = dataclasses.field(default_factory=list)
-  too_long: list[int] = dataclasses.field(default_factory=list)
+  # TokenLimit.name -> (max_tokens, lines of the prompts over it)
+  too_long: dict[str, tuple[int, list[int]]] = dataclasses.field(default_factory=dict)
   filtered_out: int = 0
 
   def summary(self, where: str) -> str:
     parts = []
     if self.empty_lines:
       parts.append(f"{len(self.empty_lines)} empty line(s) skipped (lines {_first(self.empty_lines)})")
-    if self.too_long:
-      parts.append(f"{len(self.too_long)} prompt(s) longer than the text encoder's context, "
-                   f"truncated (lines {_first(self.too_long)})")
+    for name, (max_tokens, lines) in self.too_long.items():
+      parts.append(f"{len(lines)} prompt(s) longer than {name}'s {max_tokens} tokens, "
+                   f"truncated (lines {_first(lines)})")
     if self.filtered_out:
       parts.append(f"{self.filtered_out} row(s) outside the category filter")
     return f"{where}: " + ("; ".join(parts) if parts else "all prompts used as they are")
@@ -102,12 +114,11 @@ def _in_eval(prompt: str, eval_fraction: float) -> bool:
 
 
 def load(cfg, split: str = "train", *,
-         count_tokens: Callable[[str], int] | None = None,
-         max_tokens: int = 77) -> tuple[list[str], PromptReport]:
+         limits: Sequence[TokenLimit] = ()) -> tuple[list[str], PromptReport]:
   """Prompts of `split` from the source described by `cfg` (a ConfigDict or namespace).
 
   cfg fields: source, path, texts, categories, eval_fraction.
-  `count_tokens(prompt)`, when given, flags prompts with more than `max_tokens` tokens.
+  `limits`: the tokenizers that will read the prompts; a prompt over one's limit is reported.
   """
   if cfg.source not in SOURCES:
     raise ValueError(f"prompt source {cfg.source!r} is not one of {SOURCES}")
@@ -123,8 +134,9 @@ def load(cfg, split: str = "train", *,
     if not _keep(cfg, categories):
       report.filtered_out += 1
       continue
-    if count_tokens is not None and count_tokens(prompt) > max_tokens:
-      report.too_long.append(line)
+    for limit in limits:
+      if limit.count(prompt) > limit.max_tokens:
+        report.too_long.setdefault(limit.name, (limit.max_tokens, []))[1].append(line)
     if split == "all" or _in_eval(prompt, cfg.eval_fraction) == (split == "eval"):
       prompts.append(prompt)
   where = cfg.path if cfg.source != "list" else "config prompts.texts"

@@ -16,7 +16,8 @@ optional LoRA path (`Dense`): a fine-tuned low-rank update far below half a bflo
 frozen kernel still changes the output, as it does in float32.
 """
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,21 @@ import jax.numpy as jnp
 from fnf_jax import choices
 
 Dtype = Any
+
+# transformers' ACT2FN names -> functions, for every family that names its activation that way
+# (CLIP, ViT, T5). "gelu" is the exact erf form, as torch's default; "gelu_new" and its aliases
+# the tanh approximation (what T5's "gated-gelu" means).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
 
 # Logical axis names used on parameters.
 EMBED = "embed"  # model width (residual stream / channels of a ResNet block)

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from fnf_jax import train as train_lib
+from fnf_jax import train_step
 from fnf_jax.data import examples as examples_lib
 from fnf_jax.reference import directory as reference_directory
 from fnf_jax.toy import evaluate
@@ -52,9 +53,9 @@ def sample_all(run, loras: dict, examples: list, config) -> dict:
     pad = bs - len(chunk)  # the last batch is padded with repeats so nothing recompiles
     batch = examples_lib.host_batch(run.pipe, chunk + chunk[:1] * pad,
                                     negative_prompt=s.negative_prompt, num_steps=s.num_steps,
-                                    eta=s.eta)
+                                    eta=s.eta, reward=run.reward)
     batch.pop("index")
-    ids = batch["ids"][0]
+    ids = train_step.reward_ids(run.reward, batch)
     reference, mask = reference_fn(run.frozen, batch)
     keep = slice(0, len(chunk))
     out["reference"].append(np.asarray(reference)[keep])

@@ -6,8 +6,7 @@ with no per-layer table. Modules create float32 params at init and compute in `d
 Images are NHWC.
 """
 
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -16,17 +15,10 @@ import jax.numpy as jnp
 
 from fnf_jax.models.clip.configs import (LEGACY_EOS_TOKEN_ID, CLIPConfig, CLIPTextConfig,
                                          CLIPVisionConfig)
-from fnf_jax.models.layers import EMBED, MLP, VOCAB, attention, dense, layer_norm
+from fnf_jax.models.layers import ACTIVATIONS, EMBED, MLP, VOCAB, attention, dense, layer_norm
 
 Dtype = Any
 
-# transformers' ACT2FN names -> functions ("gelu" is the exact erf form, as torch's default).
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-}
 
 
 @flax.struct.dataclass
