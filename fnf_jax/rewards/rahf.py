@@ -77,9 +77,9 @@ def load(cfg, heads: rahf_lib.RAHFHeads):
   """(config, params, tokenizer, (size, mean, std)) of the RAHF that `cfg` names, with `heads`
   (names only: the widths come from the file)."""
   if cfg.weights == TINY:
-    folder = tempfile.mkdtemp(prefix="fnf_tiny_t5_tokenizer_")
-    t5_tokenizer.write_tiny_tokenizer(folder, TINY_WORDS)
-    tokenizer = t5_tokenizer.load(folder)
+    with tempfile.TemporaryDirectory(prefix="fnf_tiny_t5_tokenizer_") as folder:
+      t5_tokenizer.write_tiny_tokenizer(folder, TINY_WORDS)
+      tokenizer = t5_tokenizer.load(folder)  # read whole into memory
     full = tiny_config(tokenizer.vocab_size)
     params = rahf_lib.init_params(full, TINY_SEED)
     config = rahf_lib.RAHFConfig(full.vit, full.t5, _with_names(full.heads, heads, TINY))
