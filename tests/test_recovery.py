@@ -2,6 +2,7 @@
 the run record on resume, non-finite steps that are never applied, SIGTERM, one run per workdir,
 tidy outputs."""
 
+import contextlib
 import json
 import os
 import re
@@ -224,25 +225,39 @@ def test_bad_files_are_named_with_the_tensor_line_or_byte(tmp_path):
     prompts.load(cfg, "all")
 
 
+@contextlib.contextmanager
+def _tmpfs(path, options: str):
+  """A tmpfs mounted at `path` for the block (skips the test where mounting needs root)."""
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs ({options}) here ({mounted.stderr.strip()}): needs root")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def _main(workdir: str, *overrides: str) -> subprocess.CompletedProcess:
+  """`python -m fnf_jax.main` on the violence CPU variant, as a user runs it (one CPU device,
+  not the 8 fake ones of this process)."""
+  return subprocess.run(
+      [sys.executable, "-m", "fnf_jax.main", "--config=configs/violence.py:runlocal",
+       f"--workdir={workdir}", *overrides], cwd=os.path.dirname(os.path.dirname(__file__)),
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_"
+               "count=1 --xla_backend_optimization_level=0"),
+      capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow  # 85 s: with the fault-injection suite (`-m slow`)
 def test_a_full_disk_stops_in_one_line_and_the_earlier_checkpoints_restore(tmp_path):
   import shutil  # pylint: disable=import-outside-toplevel
 
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(disk)],
-                           capture_output=True, text=True)
-  if mounted.returncode:
-    pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
-  try:
+  with _tmpfs(tmp_path / "disk", "size=2500k") as disk:
     workdir = str(disk / "run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fnf_jax.main", "--config=configs/violence.py:runlocal",
-         f"--workdir={workdir}", "--config.train.num_steps=20", "--config.checkpoint.keep=10",
-         "--config.log.image_every=0"], cwd=os.path.dirname(os.path.dirname(__file__)),
-        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_"
-                 "count=1 --xla_backend_optimization_level=0"),
-        capture_output=True, text=True, timeout=300)
+    proc = _main(workdir, "--config.train.num_steps=20", "--config.checkpoint.keep=10",
+                 "--config.log.image_every=0")
     assert proc.returncode == 1, proc.stderr[-3000:]
     (fatal,) = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
     assert re.search(rf"FATAL: {workdir}/checkpoints: [\d,]+ bytes free, a checkpoint needs "
@@ -252,8 +267,6 @@ def test_a_full_disk_stops_in_one_line_and_the_earlier_checkpoints_restore(tmp_p
     newest = int(re.search(r"newest: step (\d+)", fatal).group(1))
     copy = str(tmp_path / "roomy")
     shutil.copytree(workdir, copy)
-  finally:
-    subprocess.run(["umount", str(disk)], check=False)
   # On a disk with room, the newest checkpoint restores: the run is finished at that step.
   from configs import violence  # pylint: disable=import-outside-toplevel
 
@@ -285,20 +298,9 @@ def test_an_unwritable_workdir_stops_in_one_line_before_anything_loads(tmp_path,
 
 @pytest.mark.slow  # 15 s: with the fault-injection suite (`-m slow`)
 def test_a_read_only_workdir_exits_1_with_one_fatal_line(tmp_path):
-  disk = tmp_path / "ro"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
-                           capture_output=True, text=True)
-  if mounted.returncode:
-    pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.strip()}): needs root")
-  try:
+  with _tmpfs(tmp_path / "ro", "ro,size=1m") as disk:
     workdir = str(disk / "run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fnf_jax.main", "--config=configs/violence.py:runlocal",
-         f"--workdir={workdir}"], cwd=os.path.dirname(os.path.dirname(__file__)),
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
-  finally:
-    subprocess.run(["umount", str(disk)], check=False)
+    proc = _main(workdir)
   assert proc.returncode == 1, proc.stderr[-3000:]
   (fatal,) = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
   assert fatal.startswith(f"FATAL: {workdir}: the workdir cannot be written (Read-only file "

@@ -76,7 +76,7 @@ def prompt_limits(pipe, reward=None) -> list:
   tok = pipe.tokenizers[0]
   limits = [prompts_lib.TokenLimit("the text encoder", lambda p: len(tok.encode(p)) + 2,
                                    tok.model_max_length)]
-  if reward is not None and getattr(reward, "prompt_limit", None) is not None:
+  if reward is not None and reward.prompt_limit is not None:
     limits.append(reward.prompt_limit)
   return limits
 

@@ -244,16 +244,21 @@ def read_heads(path: str) -> RAHFHeads:
   return RAHFHeads.from_json(meta["heads"])
 
 
+def select_heads(have: RAHFHeads, names: RAHFHeads, where: str) -> RAHFHeads:
+  """The heads named in `names` with the widths of `have` (a file's), which must hold them."""
+  for kind in ("scores", "heatmaps"):
+    for k in getattr(names, kind):
+      if k not in getattr(have, kind):
+        raise convert.CheckpointError(
+            f"{where} has no {kind[:-1]} head {k!r} (it has {list(getattr(have, kind))}): "
+            f"convert a multi-head RAHF checkpoint that has it.\n{CONVERT_HELP}")
+  return dataclasses.replace(have, scores=names.scores, heatmaps=names.heatmaps)
+
+
 def load(path: str, config: RAHFConfig, *, where_vit: str = "", where_t5: str = "") -> dict:
   """Params of `config` (its heads a subset of the file's) from a file written by `save`;
   every shape is checked against `config`, and a mismatch says which folder disagrees."""
-  have = read_heads(path)
-  for kind in ("scores", "heatmaps"):
-    missing = [k for k in getattr(config.heads, kind) if k not in getattr(have, kind)]
-    if missing:
-      raise convert.CheckpointError(
-          f"{path} has no {kind[:-1]} head {missing[0]!r} (its {kind} heads: "
-          f"{list(getattr(have, kind))}); convert a checkpoint that has it.\n{CONVERT_HELP}")
+  select_heads(read_heads(path), config.heads, path)
   tensors = convert.read_state_dict([path])
   target = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(config)))
   out = {}
@@ -321,26 +326,24 @@ def heads_in_state_dict(state_dict: dict) -> RAHFHeads:
     raise convert.CheckpointError(
         "the checkpoint has no heatmap_predictor.<name>.* / score_predictor.<name>.* weights: "
         "not the multi-head RAHF reimplementation (multi_heads=True)")
-  heat = names["heatmap_predictor"][0]
-  shape = lambda k: tuple(state_dict[k].shape)
-  p = f"heatmap_predictor.{heat}"
-  convs = []
-  while f"{p}.conv_layers.{3 * len(convs)}.weight" in state_dict:
-    convs.append(shape(f"{p}.conv_layers.{3 * len(convs)}.weight")[0])
-  ups = []
-  while f"{p}.deconv_layers.{len(ups)}.0.weight" in state_dict:
-    ups.append(shape(f"{p}.deconv_layers.{len(ups)}.0.weight")[1])
+
+  def widths(key: str, step: int = 1, axis: int = 0) -> list[int]:
+    """Dimension `axis` of key.format(step * i) for i = 0, 1, ... while that key exists (the
+    Sequentials interleave activations and norms: a conv every 3 entries, a Linear every 2)."""
+    out = []
+    while key.format(step * len(out)) in state_dict:
+      out.append(state_dict[key.format(step * len(out))].shape[axis])
+    return out
+
+  p = f"heatmap_predictor.{names['heatmap_predictor'][0]}"
   s = f"score_predictor.{names['score_predictor'][0]}"
-  score_convs = []
-  while f"{s}.conv_layers.{3 * len(score_convs)}.weight" in state_dict:
-    score_convs.append(shape(f"{s}.conv_layers.{3 * len(score_convs)}.weight")[0])
-  mlp = []
-  while f"{s}.linear_layers.{2 * (len(mlp) + 1)}.weight" in state_dict:
-    mlp.append(shape(f"{s}.linear_layers.{2 * len(mlp)}.weight")[0])
   return RAHFHeads(scores=tuple(names["score_predictor"]),
-                   heatmaps=tuple(names["heatmap_predictor"]), heat_convs=tuple(convs),
-                   heat_ups=tuple(ups), heat_last=shape(f"{p}.last_conv1.weight")[0],
-                   score_convs=tuple(score_convs), score_mlp=tuple(mlp))
+                   heatmaps=tuple(names["heatmap_predictor"]),
+                   heat_convs=tuple(widths(p + ".conv_layers.{}.weight", 3)),
+                   heat_ups=tuple(widths(p + ".deconv_layers.{}.0.weight", axis=1)),
+                   heat_last=state_dict[f"{p}.last_conv1.weight"].shape[0],
+                   score_convs=tuple(widths(s + ".conv_layers.{}.weight", 3)),
+                   score_mlp=tuple(widths(s + ".linear_layers.{}.weight", 2)[:-1]))
 
 
 def convert_state_dict(state_dict: dict, config: RAHFConfig, where: str) -> dict:

@@ -81,11 +81,11 @@ def load(cfg, heads: rahf_lib.RAHFHeads):
       t5_tokenizer.write_tiny_tokenizer(folder, TINY_WORDS)
       tokenizer = t5_tokenizer.load(folder)  # read whole into memory
     full = tiny_config(tokenizer.vocab_size)
-    params = rahf_lib.init_params(full, TINY_SEED)
-    config = rahf_lib.RAHFConfig(full.vit, full.t5, _with_names(full.heads, heads, TINY))
-    keep = {"vit", "t5", "visual_token_projection"} | {f"heatmap_{k}" for k in heads.heatmaps} | {
-        f"score_{k}" for k in heads.scores}
-    params = {k: v for k, v in params.items() if k in keep}
+    config = rahf_lib.RAHFConfig(full.vit, full.t5,
+                                 rahf_lib.select_heads(full.heads, heads, TINY))
+    # linen derives each parameter's key from its path: these heads' values are those of the
+    # tiny model with all six, and the ViT and T5 the same for both rewards.
+    params = rahf_lib.init_params(config, TINY_SEED)
     return config, params, tokenizer, (config.vit.image_size, (0.5,) * 3, (0.5,) * 3)
   vit_config = _folder_config(cfg.vit_path, "ViT", "vit", vit_lib.ViTConfig.from_dict)
   t5_config = _folder_config(cfg.t5_path, "T5", "t5", t5_lib.T5Config.from_dict)
@@ -93,28 +93,14 @@ def load(cfg, heads: rahf_lib.RAHFHeads):
   if not cfg.weights or not os.path.isfile(cfg.weights):
     raise convert.CheckpointError(f"reward {cfg.name!r}: RAHF weights not found at "
                                   f"reward.weights={cfg.weights!r}.\n{DOWNLOAD}")
-  stored = rahf_lib.read_heads(cfg.weights)
-  config = rahf_lib.RAHFConfig(vit_config, t5_config, _with_names(stored, heads, cfg.weights))
+  config = rahf_lib.RAHFConfig(vit_config, t5_config, rahf_lib.select_heads(
+      rahf_lib.read_heads(cfg.weights), heads, cfg.weights))
   params = rahf_lib.load(cfg.weights, config, where_vit=cfg.vit_path, where_t5=cfg.t5_path)
   if tokenizer.vocab_size > t5_config.vocab_size:
     raise convert.CheckpointError(
         f"reward {cfg.name!r}: the tokenizer in {cfg.t5_path!r} has {tokenizer.vocab_size} "
         f"tokens, more than the T5's {t5_config.vocab_size} embeddings")
   return config, params, tokenizer, vit_lib.read_preprocessor(cfg.vit_path, vit_config)
-
-
-def _with_names(widths: rahf_lib.RAHFHeads, names: rahf_lib.RAHFHeads,
-                where: str) -> rahf_lib.RAHFHeads:
-  """`names`' heads with the widths of `widths` (the file's), which must have them."""
-  for kind in ("scores", "heatmaps"):
-    have = getattr(widths, kind)
-    for k in getattr(names, kind):
-      if k not in have:
-        raise convert.CheckpointError(
-            f"{where} has no {kind[:-1]} head {k!r} (it has {list(have)}): convert a "
-            f"multi-head RAHF checkpoint that has it.\n{rahf_lib.CONVERT_HELP}")
-  return rahf_lib.RAHFHeads(**{**widths.__dict__, "scores": names.scores,
-                               "heatmaps": names.heatmaps})
 
 
 def preprocess(images: jax.Array, size: tuple[int, int], mean, std) -> jax.Array:
