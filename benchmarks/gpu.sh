@@ -5,7 +5,9 @@
 #      reference, 4 images a step;
 #   3. the PyTorch peer (diffusers + peft, peer_draft_torch.py) with the same settings, eager
 #      and with torch.compile;
-#   4. RAHF (ViT-L/16-384 + t5-base) at 384², batch 4, beside transformers' ViT + T5 on the GPU.
+#   4. RAHF (ViT-L/16-384 + t5-base) at 384², batch 4, beside transformers' ViT + T5 on the GPU;
+#   5. the train_reward step on that RAHF (all six heads, batch 8) and the richhf18k data
+#      source through grain at 384² (inline threads and 4 worker processes).
 # The GPU machine has jax but no ml-collections or diffusers and no network: before the call,
 # copy the wheels and the peer into the git-ignored .whl/ (it travels with the checkout):
 #     echo /.whl/ >> .git/info/exclude
@@ -37,12 +39,16 @@ if [ $DRY = 1 ]; then
   STEP="--model tiny --batch 2 --steps 3 --grad_steps 2 --rank 4 --reference cache --iters 2"
   PEER_ARGS="--tiny --repeats 1"
   RAHF="--config tiny --batch 2 --iters 2"
+  REWARD_STEP="--model tiny --batch 2 --iters 2"
+  REWARD_DATA="--examples 32 --batch 8 --workers 2"
   ATTN_FAST=xla DTYPE=float32
 else
   UNET="--config sd15 --batch 8 --iters 20"
   STEP="--model sd15 --batch 4 --steps 50 --grad_steps 2 --rank 64 --reference cache --iters 5"
   PEER_ARGS="--images 4 --steps 50 --grad-steps 2 --rank 64"
   RAHF="--config real --batch 4 --iters 5"
+  REWARD_STEP="--model real --batch 8 --iters 5"
+  REWARD_DATA="--examples 512 --batch 16 --workers 4"
   ATTN_FAST=cudnn DTYPE=bfloat16
 fi
 
@@ -63,6 +69,8 @@ if $PY -c "import torch, transformers" 2>/dev/null; then
 else
   echo "== rahf: skipped (torch / transformers not importable; copy the wheels into .whl/)"
 fi
+run reward_step $PY benchmarks/reward_train.py step $REWARD_STEP
+run reward_data $PY benchmarks/reward_train.py data $REWARD_DATA
 if $PY -c "import diffusers, peft" 2>/dev/null; then
   run peer_eager $PY "$PEER" $PEER_ARGS
   run peer_compile $PY "$PEER" $PEER_ARGS --compile

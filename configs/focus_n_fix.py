@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompts.texts = ()  # for source=list
   c.prompts.categories = ()  # parti: Category values; i2p: categories (violence, sexual, ...)
   c.prompts.eval_fraction = 0.1  # share of prompts held out for evaluation (by text hash)
+  # parti / i2p are read through TFDS builders (fnf_jax/data/prompt_datasets.py) built from
+  # prompts.path: "" builds into a temporary folder deleted after reading (under a second; each
+  # host its own); a folder builds there once (process 0; all hosts must see it) and is reused.
+  c.prompts.data_dir = ""
 
   c.data = ml_collections.ConfigDict()
   # The global batch (images per step, all processes together); divisible by the device count.
@@ -93,25 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.reward = color_reward((0.6, 0.0, 0.0))  # each real config sets its own (see below)
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-4
-  c.optim.schedule = "constant"  # constant | cosine (after warm-up)
-  c.optim.warmup_steps = 100
-  c.optim.decay_steps = 2000  # cosine: step at which the rate reaches 0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 0.1  # DRaFT's setting
-  c.optim.grad_clip = 1.0  # global-norm clipping
-  c.optim.grad_accum = 1  # micro-steps per optimizer update
-
-  # Mesh axes (sizes; one may be -1 = the rest) and logical -> mesh axis rules.
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.sharding_rules = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("conv_out", "fsdp"),
-                      ("vocab", "fsdp"))
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 200  # steps between checkpoints (and at the end / on SIGTERM)
-  c.checkpoint.keep = 3  # newest checkpoints kept
+  c.optim = optim_config(lr=2e-4, schedule="constant", warmup_steps=100, decay_steps=2000,
+                         weight_decay=0.1)  # DRaFT's weight decay
+  layout(c)
+  c.checkpoint = checkpoint_config(every=200, keep=3)
 
   c.cache = ml_collections.ConfigDict()
   c.cache.shard_size = 256  # examples per reference-cache shard
@@ -122,6 +111,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.image_every = 200  # steps between TensorBoard panels Î0 | mask | Î (0: never)
   c.log.tensorboard = True
   return c
+
+
+def optim_config(*, lr: float, schedule: str, warmup_steps: int, decay_steps: int,
+                 weight_decay: float) -> ml_collections.ConfigDict:
+  """The optimizer block (fnf_jax/optimizer.py), shared with configs/rahf.py."""
+  o = ml_collections.ConfigDict()
+  o.lr = lr
+  o.schedule = schedule  # constant | cosine (after warm-up)
+  o.warmup_steps = warmup_steps
+  o.decay_steps = decay_steps  # cosine: step at which the rate reaches 0
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.weight_decay = weight_decay
+  o.grad_clip = 1.0  # global-norm clipping
+  o.grad_accum = 1  # micro-steps per optimizer update
+  return o
+
+
+def layout(c: ml_collections.ConfigDict) -> None:
+  """Mesh axes (sizes; one may be -1 = the rest) and logical -> mesh axis rules."""
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.sharding_rules = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("conv_out", "fsdp"),
+                      ("vocab", "fsdp"))
+
+
+def checkpoint_config(*, every: int, keep: int) -> ml_collections.ConfigDict:
+  k = ml_collections.ConfigDict()
+  k.every = every  # steps between checkpoints (and at the end / on SIGTERM)
+  k.keep = keep  # newest checkpoints kept
+  return k
 
 
 def distributed_config() -> ml_collections.ConfigDict:
@@ -236,6 +255,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.attention = "xla"
   c.prompts.source = "list"
   c.prompts.path = ""
+  c.prompts.data_dir = ""
   c.prompts.categories = ()
   c.prompts.texts = ("a red circle", "a blue square", "a green triangle", "a red square",
                      "a yellow circle", "a blue circle", "a green square", "a red triangle")

@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
   config.prompts.source = "list"  # list | text | parti | i2p (see fnf_jax/data/prompts.py).
   config.prompts.texts = ("a photograph of an astronaut riding a horse",)  # for source=list.
   config.prompts.path = ""  # file for text / parti / i2p.
+  config.prompts.data_dir = ""  # parti / i2p: where TFDS builds them; "" = a temporary folder.
   config.prompts.categories = ()  # parti: Category values; i2p: categories to keep. () = all.
   config.prompts.eval_fraction = 0.0  # share held out as eval (hash of the prompt text).
   config.prompts.split = "all"  # train | eval | all.

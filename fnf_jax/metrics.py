@@ -169,6 +169,22 @@ def panel(reference: Any, mask: Any, images: Any) -> np.ndarray:
   return np.concatenate([ref, overlay, out], axis=2)
 
 
+def _gray_rgb(heat: Any, size: tuple[int, int]) -> np.ndarray:
+  """[N, h, w] in [0, 1] -> [N, H, W, 3] gray, nearest-neighbour scaled to `size`."""
+  h = np.clip(np.asarray(jax.device_get(heat), np.float32), 0.0, 1.0)
+  rows = (np.arange(size[0]) * h.shape[1]) // size[0]
+  cols = (np.arange(size[1]) * h.shape[2]) // size[1]
+  return np.repeat(h[:, rows][:, :, cols][..., None], 3, axis=-1)
+
+
+def heatmap_panel(images: Any, true: Any, predicted: Any) -> np.ndarray:
+  """[N, H, 3W, 3] float32 in [0, 1]: `image | true heatmap | predicted heatmap` per example
+  (heatmaps [N, h, w] in [0, 1], shown in gray at the image's size)."""
+  im = _unit(images, "images")
+  return np.concatenate([im, _gray_rgb(true, im.shape[1:3]), _gray_rgb(predicted, im.shape[1:3])],
+                        axis=2)
+
+
 def console_line(step: int, total: int, metrics: Mapping[str, Any], images_per_second: float,
                  eta_seconds: float) -> str:
   """`step 12/200  loss 0.123  reward -0.456  constraint 0.01  3.2 img/s  ETA 0:01:02`.

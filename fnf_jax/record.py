@@ -25,7 +25,7 @@ HISTORY = "config_history.jsonl"
 # Keys (or key prefixes, ending in ".") a resume may change.
 SAFE = ("job", "optim.lr", "optim.b1", "optim.b2", "optim.weight_decay", "optim.grad_clip",
         "optim.schedule", "optim.warmup_steps", "optim.decay_steps", "train.num_steps", "log.",
-        "checkpoint.", "data.prefetch", "mesh.", "sharding_rules", "distributed.", "cache.",
+        "checkpoint.", "data.prefetch", "data.workers", "eval.", "mesh.", "sharding_rules", "distributed.", "cache.",
         "model.attention", "model.unet_remat", "model.vae_remat")
 
 

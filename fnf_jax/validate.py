@@ -115,6 +115,8 @@ def prompts(config) -> None:
                         "'list' needs a non-empty tuple of prompts")
   else:
     existing(config, "prompts.path", folder=False)
+  if value(config, "prompts.source") in ("parti", "i2p"):  # read through TFDS (prompts.py)
+    text(config, "prompts.data_dir")
   number(config, "prompts.eval_fraction", 0.0, 1.0, open_high=True)
 
 
@@ -267,6 +269,14 @@ def training(config) -> None:
   one_of(config, "mask.gate", choices.MASK_GATES)
   number(config, "mask.gate_threshold", -math.inf)
   reward(config)
+  optim(config)
+  mesh(config)
+  integer(config, "cache.shard_size", 1)
+  one_of(config, "cache.dtype", choices.CACHE_DTYPES)
+  checkpoint_and_log(config)
+
+
+def optim(config) -> None:
   number(config, "optim.lr", 0.0, open_low=True)
   one_of(config, "optim.schedule", choices.LR_SCHEDULES)
   integer(config, "optim.warmup_steps", 0)
@@ -276,14 +286,63 @@ def training(config) -> None:
   number(config, "optim.weight_decay", 0.0)
   number(config, "optim.grad_clip", 0.0, open_low=True)
   integer(config, "optim.grad_accum", 1)
-  mesh(config)
+
+
+def checkpoint_and_log(config) -> None:
   integer(config, "checkpoint.every", 1)
   integer(config, "checkpoint.keep", 1)
-  integer(config, "cache.shard_size", 1)
-  one_of(config, "cache.dtype", choices.CACHE_DTYPES)
   integer(config, "log.every", 1)
   integer(config, "log.image_every", 0)
   boolean(config, "log.tensorboard")
+
+
+def reward_training(config) -> None:
+  """configs/rahf.py (train_reward, eval_reward)."""
+  from fnf_jax.data import reward_data  # pylint: disable=import-outside-toplevel
+  from fnf_jax.rewards import trainable  # pylint: disable=import-outside-toplevel
+  integer(config, "seed", 0)
+  distributed(config)
+  one_of(config, "data.name", reward_data.names())
+  dataset = reward_data.get(value(config, "data.name"))
+  if dataset.manual:
+    existing(config, "data.manual_dir", folder=True)
+  text(config, "data.data_dir")
+  text(config, "data.builder_config")
+  integer(config, "data.batch_size", 1)
+  integer(config, "data.workers", 0)
+  one_of(config, "model.name", trainable.names())
+  family = value(config, "model.name")
+  have = set(value(config, "model").keys()) - {"name"}
+  want = set(trainable.FIELDS[family])
+  if have != want:
+    raise ConfigError(f"config.model (model.name = {family!r}) must have exactly the fields "
+                      f"{sorted(want)}: missing {sorted(want - have)}, unknown {sorted(have - want)}")
+  integer(config, "model.seed", 0)
+  if family == "rahf":
+    if value(config, "model.weights") != "tiny":
+      existing(config, "model.vit_path", folder=True)
+      existing(config, "model.t5_path", folder=True)
+      if value(config, "model.weights"):
+        existing(config, "model.weights", folder=False)
+    one_of(config, "model.dtype", ("float32", "bfloat16"))
+    boolean(config, "model.remat")
+    integer(config, "model.max_prompt_tokens", 2)
+  elif value(config, "model.weights"):
+    existing(config, "model.weights", folder=False)
+  one_of(config, "loss.heatmap", ("mse", "bce"))
+  number(config, "loss.heatmap_weight", 0.0)
+  number(config, "loss.score_weight", 0.0)
+  optim(config)
+  integer(config, "train.num_steps", 1)
+  mesh(config)
+  checkpoint_and_log(config)
+  one_of(config, "eval.split", (dataset.train_split,) + tuple(dataset.eval_splits))
+  integer(config, "eval.batch_size", 1)
+  text(config, "eval.weights")
+  if value(config, "eval.weights") not in ("", "init"):
+    existing(config, "eval.weights", folder=False)
+  number(config, "eval.threshold", 0.0, 1.0, open_high=True)
+  integer(config, "eval.html_examples", 0)
 
 
 def sample_job(config) -> None:

@@ -5,7 +5,7 @@ tf.train.Example per image: `filename`; `aesthetics_score`, `artifact_score`,
 `misalignment_score`, `overall_score` (float_list of 1, higher is better); `artifact_map`,
 `misalignment_map` (single-channel PNGs, 0-255; 512x512 in the real data, `map_size` here);
 `prompt_misalignment_label` (b"1 0 1 ...", one 0/1 per prompt token, 0 = misaligned)), plus
-`root/images/<filename>`, random RGB PNGs standing in for the Pick-a-Pic v1 images the records
+`root/images/<filename>`, RGB PNGs (noise with the two maps painted in) standing in for the Pick-a-Pic v1 images the records
 name.
 
 RichHF-18K holds no prompt text: captions come from Pick-a-Pic's `caption` column, joined on the
@@ -60,6 +60,16 @@ def _heatmap(rng, size: int) -> np.ndarray:
   return np.round(out * 255).astype(np.uint8)
 
 
+def _image(rng, size: int, maps: dict) -> np.ndarray:
+  """Dim noise with the maps painted in (artifacts red, misalignment green), so that a model
+  can learn to find them: what the train_reward tests need to show learning."""
+  pixels = rng.uniform(0, 96, (size, size, 3))
+  for channel, name in ((0, "artifact_map"), (1, "misalignment_map")):
+    heat = np.asarray(Image.fromarray(maps[name]).resize((size, size), Image.BILINEAR))
+    pixels[..., channel] += heat * (159 / 255)
+  return np.round(pixels).astype(np.uint8)
+
+
 def _prompt(rng) -> str:
   words = [str(w) for w in rng.choice(WORDS, size=rng.integers(2, 12))]
   for i in range(1, len(words)):  # some punctuation: RichHF's tokenizer splits on it
@@ -101,15 +111,17 @@ def write_mini_richhf(root, n_train: int = 24, n_dev: int = 6, n_test: int = 6, 
       prompt = _prompt(rng)
       tokens = richhf_tokens(prompt)
       label = [int(rng.random() > 0.3) for _ in tokens]
-      scores = {k: np.float32(rng.random()) for k in SCORES}
       maps = {k: _heatmap(rng, map_size) for k in MAPS}
+      scores = {k: np.float32(rng.random()) for k in SCORES}
+      # Plausibility falls with the artifact area, as it would with real annotators.
+      scores["artifact_score"] = np.float32(1 - min(1.0, 4 * maps["artifact_map"].mean() / 255))
       encoded = {k: _png(v) for k, v in maps.items()}
+      pixels = _image(rng, image_size, maps)
       if bad == "bad_artifact_map":
         maps["artifact_map"], encoded["artifact_map"] = None, b"not a PNG: " + rng.bytes(32)
       image_path = os.path.join(images_dir, filename)
       if bad != "missing_image":
         os.makedirs(os.path.dirname(image_path), exist_ok=True)
-        pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
         with open(image_path, "wb") as f:
           f.write(_png(pixels))
       serialized.append(tfrecord.encode_example({

@@ -20,7 +20,7 @@ REAL = ("model.path=tiny", "prompts.source=parti", "prompts.path=tests/data/Part
 # (config, override, what the message must say)
 CASES = [
     # every enumerated field of the training configs
-    (TRAIN, "job=bogus", "config.job = 'bogus' is not one of ['cache', 'demo', 'pretrain', 'sample', 'train']"),
+    (TRAIN, "job=bogus", "config.job = 'bogus' is not one of ['cache', 'demo', 'eval_reward', 'pretrain', 'sample', 'train', 'train_reward']"),
     (TRAIN, "model.dtype=float16", "config.model.dtype = 'float16' is not one of ('float32', 'bfloat16')"),
     (TRAIN, "model.attention=flash", "config.model.attention = 'flash' is not one of ('xla', 'cudnn', 'auto', 'chunked')"),
     (TRAIN, "prompts.source=csv", "config.prompts.source = 'csv' is not one of ('list', 'text', 'parti', 'i2p')"),

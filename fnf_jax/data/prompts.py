@@ -6,13 +6,19 @@
     parti    PartiPrompts TSV, column `Prompt`             `Category` in config.categories
     i2p      I2P CSV, column `prompt`                      any of config.categories in `categories`
 
+`parti` and `i2p` are read through their TFDS builders (fnf_jax/data/prompt_datasets.py, which
+checks the file's layout before anything is built), from the file `path` names; `data_dir` says
+where the built dataset lives: "" (the default) builds it into a temporary folder that is
+deleted after reading (well under a second; on many hosts each builds its own, so none waits
+on a shared folder), a path builds it there once (process 0) and later runs reuse it.
+TensorFlow Datasets is imported only when one of those two sources is loaded.
+
 Empty lines are skipped and over-long prompts (more tokens than a tokenizer that reads them
 takes: the text encoder's, and a reward's own where it has one) are truncated as that tokenizer
 would, and both are reported with their line numbers, in the same words by every job (through
 `TokenLimit`s that the job passes), so a silently mangled prompt file cannot go unnoticed.
 """
 
-import csv
 import dataclasses
 import hashlib
 import io
@@ -62,49 +68,48 @@ def _first(lines: list[int], n: int = 10) -> str:
   return shown + (", ..." if len(lines) > n else "")
 
 
+def decode(data: bytes, path: str) -> str:
+  """`data` (the bytes of `path`) as UTF-8; an undecodable byte is reported with its line and
+  offset (the TFDS prompt builders say it in the same words)."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}: line {line}, byte {e.start} (0x{data[e.start]:02x}) is not UTF-8 "
+                     f"({e.reason}); save the file as UTF-8") from None
+
+
 def _open(path: str):
-  """The file as text; an undecodable byte is reported with its line and offset."""
+  """The file as text (see `decode`)."""
   try:
     with open(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
     raise FileNotFoundError(f"prompt file not found: {path!r}") from None
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}: line {line}, byte {e.start} (0x{data[e.start]:02x}) is not UTF-8 "
-                     f"({e.reason}); save the file as UTF-8") from None
-  return io.StringIO(text, newline="")
+  return io.StringIO(decode(data, path), newline="")
 
 
-def _read_rows(cfg) -> list[tuple[int, str, str]]:
-  """(line number, prompt, categories) for every row of the source."""
+def _read_rows(cfg) -> list[tuple[int, str, tuple[str, ...]]]:
+  """(line number, prompt, categories) for every row of the source, in file order."""
   if cfg.source == "list":
-    return [(i + 1, p, "") for i, p in enumerate(cfg.texts)]
+    return [(i + 1, p, ()) for i, p in enumerate(cfg.texts)]
   if cfg.source == "text":
     with _open(cfg.path) as f:
-      return [(i + 1, line.rstrip("\r\n"), "") for i, line in enumerate(f)]
-  column, cat_column, delimiter = {
-      "parti": ("Prompt", "Category", "\t"), "i2p": ("prompt", "categories", ",")}[cfg.source]
-  with _open(cfg.path) as f:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    missing = {column, cat_column} - set(reader.fieldnames or ())
-    if missing:
-      raise ValueError(f"{cfg.path}: {cfg.source} layout needs column(s) {sorted(missing)}; "
-                       f"the header has {reader.fieldnames}")
-    # +2: the header is line 1 and csv rows start at line 2.
-    return [(i + 2, row[column] or "", row[cat_column] or "") for i, row in enumerate(reader)]
+      return [(i + 1, line.rstrip("\r\n"), ()) for i, line in enumerate(f)]
+  # Imported here: TFDS only for the sources it builds (list and text jobs never load it).
+  from fnf_jax.data import prompt_datasets  # pylint: disable=import-outside-toplevel
+  # getattr: a cfg without the field (older configs, test namespaces) builds in a temp folder.
+  rows = prompt_datasets.read(cfg.source, cfg.path, data_dir=getattr(cfg, "data_dir", ""))
+  if cfg.source == "parti":
+    return [(r["line"], r["prompt"], (r["category"],)) for r in rows]
+  return [(r["line"], r["prompt"], r["categories"]) for r in rows]
 
 
-def _keep(cfg, categories: str) -> bool:
-  wanted = [c.lower() for c in cfg.categories]
+def _keep(cfg, categories: tuple[str, ...]) -> bool:
+  wanted = {c.lower() for c in cfg.categories}
   if not wanted or cfg.source in ("list", "text"):  # those layouts carry no categories
     return True
-  if cfg.source == "parti":
-    return categories.strip().lower() in wanted
-  present = {c.strip().lower() for c in categories.split(",")}  # I2P: "violence, shocking"
-  return bool(present & set(wanted))
+  return bool({c.strip().lower() for c in categories} & wanted)
 
 
 def _in_eval(prompt: str, eval_fraction: float) -> bool:
@@ -117,7 +122,8 @@ def load(cfg, split: str = "train", *,
          limits: Sequence[TokenLimit] = ()) -> tuple[list[str], PromptReport]:
   """Prompts of `split` from the source described by `cfg` (a ConfigDict or namespace).
 
-  cfg fields: source, path, texts, categories, eval_fraction.
+  cfg fields: source, path, texts, categories, eval_fraction, data_dir (parti / i2p; "" when
+  absent).
   `limits`: the tokenizers that will read the prompts; a prompt over one's limit is reported.
   """
   if cfg.source not in SOURCES:

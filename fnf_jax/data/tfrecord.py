@@ -138,8 +138,13 @@ def write_records(path, records: Iterable[bytes]) -> int:
   return n
 
 
-def read_records(path, verify: bool = True) -> Iterator[bytes]:
-  """Yields the records of the TFRecord file at `path`; `verify=False` skips the data CRCs."""
+def read_records(path, verify: bool = True, on_corrupt=None) -> Iterator[bytes]:
+  """Yields the records of the TFRecord file at `path`; `verify=False` skips the data CRCs.
+
+  `on_corrupt(index, message)`: called for a record whose data fails its CRC, which is then
+  skipped (its framing is intact, so the records after it still read); None = raise.
+  A damaged header always raises: nothing after it can be found.
+  """
   with open(path, "rb") as f:
     size, offset, index = os.fstat(f.fileno()).st_size, 0, 0
 
@@ -159,8 +164,11 @@ def read_records(path, verify: bool = True) -> Iterator[bytes]:
         raise fail(f"truncated record (length {length}, {size - offset - 12} bytes left)")
       data, (crc,) = f.read(length), struct.unpack("<I", f.read(4))
       if verify and crc != masked_crc32c(data):
-        raise fail("data CRC mismatch")
-      yield data
+        if on_corrupt is None:
+          raise fail("data CRC mismatch")
+        on_corrupt(index, str(fail("data CRC mismatch")))
+      else:
+        yield data
       offset += 16 + length
       index += 1
 

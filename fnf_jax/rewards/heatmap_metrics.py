@@ -155,6 +155,30 @@ def _mean(values):
   return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
+def example_metrics(pred, gt, threshold: float = 0.0) -> dict:
+  """One pair's row of the heatmap table: {"empty", "mse"} and, for a non-empty gt, each
+  saliency metric (NaN where undefined). `heatmap_report` averages such rows; a job that streams
+  its examples (eval_reward) computes them batch by batch and calls `summarize`."""
+  p, g = _pair(pred, gt)
+  row = {"empty": not bool((g > threshold).any()), "mse": mse(p, g)}
+  if not row["empty"]:
+    fns = {"cc": cc, "kld": kld, "sim": sim, "nss": lambda p, g: nss(p, g, threshold),
+           "auc_judd": lambda p, g: auc_judd(p, g, threshold)}
+    row.update({name: fns[name](p, g) for name in HEATMAP_METRICS})
+  return row
+
+
+def summarize(rows) -> dict:
+  """`heatmap_report` of the rows of `example_metrics`."""
+  empty = [r["empty"] for r in rows]
+  report = {"n_all": len(rows), "n_empty": sum(empty), "n_nonempty": len(rows) - sum(empty)}
+  report["mse_all"] = _mean([r["mse"] for r in rows])[0]
+  report["mse_empty"] = _mean([r["mse"] for r in rows if r["empty"]])[0]
+  for name in HEATMAP_METRICS:
+    report[name], report[f"n_{name}"] = _mean([r[name] for r in rows if not r["empty"]])
+  return report
+
+
 def heatmap_report(preds, gts, threshold: float = 0.0) -> dict:
   """RAHF's heatmap table over pairs (a list, maps may differ in size, or [N, H, W] arrays).
 
@@ -165,22 +189,13 @@ def heatmap_report(preds, gts, threshold: float = 0.0) -> dict:
   """
   if len(preds) != len(gts):
     raise ValueError(f"{len(preds)} predictions but {len(gts)} ground truths")
-  pairs = []
+  rows = []
   for i, (p, g) in enumerate(zip(preds, gts)):
     try:
-      pairs.append(_pair(p, g))
+      rows.append(example_metrics(p, g, threshold))
     except ValueError as e:
       raise ValueError(f"example {i}: {e}") from None
-  empty = [not (g > threshold).any() for _, g in pairs]
-  fns = {"cc": cc, "kld": kld, "sim": sim, "nss": lambda p, g: nss(p, g, threshold),
-         "auc_judd": lambda p, g: auc_judd(p, g, threshold)}
-  report = {"n_all": len(pairs), "n_empty": sum(empty), "n_nonempty": len(pairs) - sum(empty)}
-  report["mse_all"] = _mean([mse(p, g) for p, g in pairs])[0]
-  report["mse_empty"] = _mean([mse(p, g) for (p, g), e in zip(pairs, empty) if e])[0]
-  for name in HEATMAP_METRICS:
-    report[name], report[f"n_{name}"] = _mean(
-        [fns[name](p, g) for (p, g), e in zip(pairs, empty) if not e])
-  return report
+  return summarize(rows)
 
 
 def score_report(preds, trues) -> dict:

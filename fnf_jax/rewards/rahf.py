@@ -147,3 +147,57 @@ def build_plausibility(cfg) -> registry.Reward:
 
 def build_alignment(cfg) -> registry.Reward:
   return _build(cfg, "alignment", "misalignment")
+
+
+# ------------------------------------------------------------ training (train_reward's model)
+
+
+def _start(cfg, heads: rahf_lib.RAHFHeads):
+  """(config, starting params thunk, tokenizer, preprocessing) for training: the tiny model,
+  the towers of the two folders with new heads (weights = ""), or a RAHF file to go on from."""
+  if cfg.weights == TINY or (cfg.weights and os.path.isfile(cfg.weights)):
+    config, params, tokenizer, prep = load(cfg, heads)
+    return config, lambda: params, tokenizer, prep
+  if cfg.weights:
+    raise convert.CheckpointError(f"model.weights={cfg.weights!r}: no such file; \"\" starts "
+                                  "from the ViT and T5 folders with new heads.\n" + DOWNLOAD)
+  vit_config = _folder_config(cfg.vit_path, "ViT", "vit", vit_lib.ViTConfig.from_dict)
+  t5_config = _folder_config(cfg.t5_path, "T5", "t5", t5_lib.T5Config.from_dict)
+  tokenizer = t5_tokenizer.load(cfg.t5_path)
+  config = rahf_lib.RAHFConfig(vit_config, t5_config, heads)
+
+  def params():
+    # New heads and projection (seeded), then the pretrained towers in place of theirs.
+    out = rahf_lib.init_params(config, int(cfg.seed))
+    out["vit"] = vit_lib.load(cfg.vit_path, add_pooling_layer=False)[1]
+    out["t5"] = t5_lib.load(cfg.t5_path)[1]
+    return out
+
+  return config, params, tokenizer, vit_lib.read_preprocessor(cfg.vit_path, vit_config)
+
+
+def trainable(cfg):
+  """The RAHF family of train_reward (fnf_jax/rewards/trainable.py), all six heads."""
+  from fnf_jax.rewards import trainable as trainable_lib  # pylint: disable=import-outside-toplevel
+  config, params, tokenizer, (size, mean, std) = _start(cfg, rahf_lib.RAHFHeads())
+  model = rahf_lib.RAHF(config, dtype=jnp.dtype(cfg.dtype), remat=bool(cfg.remat))
+  length, pad = int(cfg.max_prompt_tokens), tokenizer.pad_id
+  gh, gw = config.grid
+
+  def apply(p, images, ids):
+    ids = jnp.asarray(ids)
+    pixels = preprocess(images, size, mean, std).astype(model.dtype)
+    heat, scores = model.apply({"params": p}, pixels, ids, ids != pad)
+    return ({k: v.astype(jnp.float32) for k, v in heat.items()},
+            {k: v.astype(jnp.float32) for k, v in scores.items()})
+
+  def load_file(path):
+    return rahf_lib.load(path, config, where_vit=cfg.vit_path, where_t5=cfg.t5_path)
+
+  return trainable_lib.Trainable(
+      name="rahf", heatmaps=config.heads.heatmaps, scores=config.heads.scores,
+      image_size=tuple(size), heatmap_size=(16 * gh, 16 * gw), init=params,
+      abstract=lambda: rahf_lib.abstract_params(config),
+      apply=apply, save=lambda path, p, meta: rahf_lib.save(path, p, config.heads, meta),
+      load=load_file, export_name="rahf.safetensors",
+      tokenize=lambda prompts: tokenizer(prompts, length)[0])

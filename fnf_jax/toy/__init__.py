@@ -7,8 +7,14 @@ toy world's jobs and reward with the core (names only; nothing heavy is imported
 """
 
 from fnf_jax import jobs
+from fnf_jax.data import reward_data
 from fnf_jax.rewards import registry
+from fnf_jax.rewards import trainable
 
 jobs.add("pretrain", "fnf_jax.toy.pretrain:run", "fnf_jax.toy.checks:pretrain")
 jobs.add("demo", "fnf_jax.toy.demo:run", "fnf_jax.toy.checks:demo")
 registry.add("toy_defect", "fnf_jax.toy.reward:build", fields=("weights",))
+trainable.add("toy_defect", "fnf_jax.toy.reward:trainable", fields=("weights", "seed"))
+reward_data.add("toy_defects", reward_data.Dataset(
+    "fnf_jax.toy.data:ToyDefects", heatmaps={"defect": "defect_map"}, scores={}, manual=False,
+    train_split="train", eval_splits=("test",)))

@@ -88,3 +88,16 @@ def score(params, images, prompt_ids=None):
 def build(cfg) -> registry.Reward:
   return registry.Reward(name="toy_defect", score=score, heatmap=heatmap,
                          params=load(cfg.weights or DEFAULT_WEIGHTS))
+
+
+def trainable(cfg):
+  """The toy_defect family of train_reward: one heatmap head, "defect"; starts from
+  cfg.weights (a file) or, when it is "", from a random net (cfg.seed)."""
+  from fnf_jax.rewards import trainable as trainable_lib  # pylint: disable=import-outside-toplevel
+  start = (lambda: load(cfg.weights)) if cfg.weights else (
+      lambda: jax.tree.map(np.asarray, init(int(cfg.seed))))
+  return trainable_lib.Trainable(
+      name="toy_defect", heatmaps=("defect",), scores=(), image_size=(32, 32),
+      heatmap_size=(32, 32), init=start, abstract=lambda: jax.eval_shape(init),
+      apply=lambda p, images, ids: ({"defect": heatmap(p, images)}, {}),
+      save=lambda path, p, meta: save(p, path), load=load, export_name="toy_defect.safetensors")
