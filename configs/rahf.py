@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # where the TFDS build goes; "" = WORKDIR/tfds (built by process 0)
   c.data.builder_config = ""  # a TFDS builder config name ("" = the builder's default)
   c.data.batch_size = 64  # global; the reimplementation trains with 64
-  c.data.workers = 2  # grain worker processes decoding images ahead of the devices (0: inline)
+  # grain worker processes decoding images ahead of the devices; 0 = grain's reader threads in
+  # this process, faster on a 2-core machine (BENCHMARKS.md), slower on a many-core host.
+  c.data.workers = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "rahf"  # rahf | toy_defect (fnf_jax/rewards/trainable.py)

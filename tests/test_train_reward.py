@@ -8,6 +8,8 @@ rerun ends bit for bit where an uninterrupted one ends.
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from fnf_jax import main
 from fnf_jax.models import rahf as rahf_lib
 from fnf_jax.toy import reward as toy_reward
 from richhf_fixture import write_mini_richhf
-from test_configs import load
+from test_configs import ROOT, load
 from test_train import read_metrics
 
 
@@ -42,24 +44,40 @@ def _first_last(workdir, key="loss"):
   return rows[min(rows)][key], rows[max(rows)][key]
 
 
+def _main(workdir, *overrides: str) -> dict:
+  """`python -m fnf_jax.main --config=configs/rahf.py:runlocal` as a user runs it, on one CPU
+  device (the 8 fake devices of this process make each step ~8x slower; the sharded path is
+  what the toy tests below run); returns the eval report it wrote."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "fnf_jax.main", "--config=configs/rahf.py:runlocal",
+       f"--workdir={workdir}", *overrides], cwd=ROOT, capture_output=True, text=True,
+      # Optimisation level 1: its compile is ~15 s longer than level 0's, its steps ~2x faster.
+      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_"
+                            "platform_device_count=1 --xla_backend_optimization_level=1"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def test_tiny_rahf_learns_the_heatmaps_and_beats_its_untrained_self(tmp_path):
   manifest = write_mini_richhf(tmp_path / "manual", n_train=66, n_dev=4, n_test=24, seed=1)
-  config = load("rahf").get_config("runlocal")
-  config.data.manual_dir = str(tmp_path / "manual")
-  report = _run(config, tmp_path / "run")
+  manual = f"--config.data.manual_dir={tmp_path / 'manual'}"
+  proc = _main(tmp_path / "run", manual)
+  assert "step 300/300" in proc.stderr  # the progress line
+  report = _eval(tmp_path / "run")
   first, last = _first_last(tmp_path / "run")
   assert last < 0.5 * first
   for k in ("implausibility", "misalignment"):
     first, last = _first_last(tmp_path / "run", f"heatmap_mse/{k}")
     assert last < 0.5 * first
-  assert report == _eval(tmp_path / "run")
   assert report["examples"] == len(manifest["splits"]["test"]["records"])
-  base = _baseline(config, tmp_path / "run")
+  _main(tmp_path / "run", manual, "--config.job=eval_reward", "--config.eval.weights=init")
+  base = _eval(tmp_path / "run", "init")
   for k in ("implausibility", "misalignment"):
     trained, untrained = report["heatmaps"][k], base["heatmaps"][k]
-    # Measured: CC 0.79 / 0.89 trained against -0.01 / 0.01; AUC-Judd 0.92 / 0.94 against 0.49 / 0.51.
+    # Measured (one device, XLA level 1): CC 0.76 / 0.88 against -0.01 / 0.01, AUC-Judd 0.85 /
+    # 0.94 against 0.49 / 0.51 (implausibility / misalignment).
     assert trained["cc"] > untrained["cc"] + 0.3, (k, trained, untrained)
-    assert trained["auc_judd"] > untrained["auc_judd"] + 0.2, (k, trained, untrained)
+    assert trained["auc_judd"] > untrained["auc_judd"] + 0.15, (k, trained, untrained)
   # The export is the rahf_* rewards' file layout, with the step in its metadata.
   exported = os.path.join(tmp_path / "run", "export", "rahf.safetensors")
   heads = rahf_lib.read_heads(exported)
