@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   # a 16 GiB chip (BENCHMARKS.md, memory).
   c.model.unet_remat = True
   c.model.vae_remat = True
+  # A LoRA applied to the UNet by the jobs that sample the model (sample, evaluation): a file or
+  # a run's workdir (fnf_jax/models/lora_io.py); "" = none. Training ignores it: to start
+  # training from a LoRA, set lora.init.
+  c.model.lora = ""
 
   # Prompts: see fnf_jax/data/prompts.py. Each prompt is used with data.seeds_per_prompt seeds.
   c.prompts = ml_collections.ConfigDict()
@@ -61,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.rank = 64  # the paper's rank
   c.lora.alpha = 64.0  # scale = alpha / rank
   c.lora.targets = r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"  # regex over UNet param paths
+  # The LoRA training starts from: "" = a fresh one (B = 0: step 0 is the base model); or a file
+  # or a run's workdir (fnf_jax/models/lora_io.py: ours, diffusers' / peft's). Its rank and
+  # layers must be lora.rank's and lora.targets'; its A and B are taken as stored and
+  # lora.alpha sets the scale (the file's alpha is logged). A resume may not change it.
+  c.lora.init = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000  # optimizer micro-steps
@@ -105,6 +114,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.cache = ml_collections.ConfigDict()
   c.cache.shard_size = 256  # examples per reference-cache shard
   c.cache.dtype = "float32"  # storage of Î0 and M: float32 (exact) | float16 (half the disk)
+
+  # The eval job (fnf_jax/eval_job.py, --config.job=eval): the held-out prompts sampled with
+  # the base model and with each run's LoRA from the same x_T; report in WORKDIR/report.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.runs = ()  # ("NAME=WORKDIR", ...) of runs of this config; () = --workdir itself
+  c.eval.seeds_per_prompt = 4
+  c.eval.seed_offset = 1_000_000  # eval x_T come from seed + this: other noise than training's
+  c.eval.max_prompts = 0  # the first N held-out prompts (0 = all of them)
+  # Other aspects, each a reward block (like c.reward) under a key of your choice, e.g.
+  # c.eval.rewards.aesthetic = clip_reward("laion_aesthetic", ...): each is reported beside the
+  # target reward, so a fix that costs another aspect shows.
+  c.eval.rewards = ml_collections.ConfigDict()
+  c.eval.judge = ""  # the reward that says which images are problems: "" = c.reward, or a key
+  c.eval.judge_threshold = 0.0  # an image is a problem when the judge scores it below this
+  c.eval.grid_rows = 8  # examples in the report's grid (the base's largest masks first)
 
   c.log = ml_collections.ConfigDict()
   c.log.every = 10  # steps between console lines / scalar writes
@@ -260,6 +284,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.prompts.texts = ("a red circle", "a blue square", "a green triangle", "a red square",
                      "a yellow circle", "a blue circle", "a green square", "a red triangle")
   c.prompts.eval_fraction = 0.25
+  c.eval.seeds_per_prompt = 2
+  c.eval.rewards = ml_collections.ConfigDict({"blue": color_reward((0.0, 0.0, 0.6))})
   c.data.batch_size = 2
   c.sampling.num_steps = 4
   c.sampling.guidance_scale = 3.0

@@ -7,6 +7,10 @@ Prompts from a file instead of the list below:
 
     ... --config.prompts.source=text --config.prompts.path=prompts.txt
 
+With a fine-tuned LoRA (a training run's workdir, or a LoRA file):
+
+    ... --config.model.lora=/runs/violence
+
 Writes WORKDIR/samples/*.png and WORKDIR/samples/samples.json (prompt and seed of each image).
 
 On a CPU, without a download (the shipped toy model, 12 images in about 15 s):
@@ -36,6 +40,9 @@ def get_config(arg: str | None = None):
   config.model.path = ""  # diffusers-format folder (model_index.json, unet/, vae/, ...). Required.
   config.model.dtype = "float32"  # compute dtype: float32 or bfloat16.
   config.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto.
+  # A LoRA applied to the UNet: a .safetensors file (ours, diffusers' / peft's) or a training
+  # run's workdir (its newest checkpoint); "" = the base model. fnf_jax/models/lora_io.py.
+  config.model.lora = ""
 
   config.prompts = ml_collections.ConfigDict()
   config.prompts.source = "list"  # list | text | parti | i2p (see fnf_jax/data/prompts.py).

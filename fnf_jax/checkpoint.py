@@ -12,8 +12,11 @@ re-wrapped on restore with the impl recorded at save time, so the on-disk format
 
 Restoring takes an abstract tree (`jax.ShapeDtypeStruct` with `sharding=`), so arrays are read
 straight into the CURRENT mesh's layout, whatever mesh wrote them (e.g. 8 devices -> 1 device).
+`read_newest` reads one subtree of the newest checkpoint without one (a run's LoRA, for
+`fnf_jax.models.lora_io`).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -197,6 +200,42 @@ class Checkpointer:
     self.close()
 
 
+def read_newest(directory: str, keys: tuple[str, ...]) -> tuple[int, Any] | None:
+  """(step, the subtree at `keys` of item "state") of the newest complete checkpoint in
+  `directory`, as host numpy arrays; None when it holds none.
+
+  For readers beside a run (the LoRA of a workdir: keys ("train", "lora")): only that subtree
+  is read, onto one local device, whatever mesh wrote it, with no abstract tree to build (the
+  shapes come from the checkpoint's metadata). Read-only: nothing is created, cleaned or moved,
+  and a save in flight (a `*.orbax-checkpoint-tmp` folder) is not listed. Every process of a
+  multi-process job must call it (orbax synchronises restores).
+  """
+  if not os.path.isdir(directory):
+    return None
+  steps = ocp.utils.checkpoint_steps(directory)  # finalized ones only
+  if not steps:
+    return None
+  step = max(steps)
+  path = os.path.join(directory, str(step), "state")
+  reader = ocp.PyTreeCheckpointer()
+  node = reader.metadata(path).item_metadata.tree
+  for depth, key in enumerate(keys):
+    if not isinstance(node, dict) or key not in node:
+      have = sorted(node) if isinstance(node, dict) else type(node).__name__
+      raise ValueError(f"{path}: the checkpoint has no {'/'.join(keys[:depth + 1])} (found "
+                       f"{have}): not a training run's checkpoint?")
+    node = node[key]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  nest = lambda value: functools.reduce(lambda tree, key: {key: tree}, reversed(keys), value)
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), node)
+  restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), node)
+  out = reader.restore(path, args=ocp.args.PyTreeRestore(
+      item=nest(item), restore_args=nest(restore_args), partial_restore=True))
+  for key in keys:
+    out = out[key]
+  return step, jax.tree.map(np.asarray, out)
+
+
 class DiskFullError(errors.StopError, OSError):
   """A checkpoint would not fit on the workdir's disk; nothing of it was written."""
 
@@ -309,8 +348,9 @@ def export_lora_safetensors(lora_tree: dict, path: str | os.PathLike, *, alpha: 
 
   A diffusers too old to read `lora_adapter_metadata` assumes alpha = rank (scale 1); there,
   set the scale by hand: `pipe.set_adapters(["default_0"], adapter_weights=[alpha / rank])`
-  (or `cross_attention_kwargs={"scale": alpha / rank}`). Every process may call this; in a
-  multi-host run only one should (all arrays are gathered to each caller).
+  (or `cross_attention_kwargs={"scale": alpha / rank}`). `fnf_jax.models.lora_io.load` reads
+  it back (`Pipeline.generate(lora=path)`). Every process may call this; in a multi-host run
+  only one should (all arrays are gathered to each caller).
   """
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"export_lora_safetensors({path!s}): rank must be an int >= 1, got {rank!r}")

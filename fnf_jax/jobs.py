@@ -22,6 +22,7 @@ _JOBS: dict[str, Job] = {
     "sample": Job("fnf_jax.sample:run", "fnf_jax.validate:sample_job"),
     "cache": Job("fnf_jax.train:cache", "fnf_jax.validate:training"),
     "train": Job("fnf_jax.train:train", "fnf_jax.validate:training"),
+    "eval": Job("fnf_jax.eval_job:run", "fnf_jax.validate:evaluation"),
     "train_reward": Job("fnf_jax.train_reward:train", "fnf_jax.validate:reward_training"),
     "eval_reward": Job("fnf_jax.eval_reward:run", "fnf_jax.validate:reward_training"),
 }

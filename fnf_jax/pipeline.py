@@ -2,6 +2,7 @@
 
     pipe = fnf_jax.pipeline.load("/models/stable-diffusion-v1-5")
     images = pipe.generate(["a photo of a cat"], seed=0)   # [B, H, W, 3] float32 in [0, 1]
+    tuned = pipe.generate(["a photo of a cat"], seed=0, lora="WORKDIR")  # a run's LoRA applied
 
 `Pipeline` holds the modules (static) and their params (a pytree), and exposes the pure pieces
 (`conditioning`, `denoiser`, `decode`) that the training step composes under its own jit; only
@@ -25,6 +26,8 @@ from fnf_jax import schedulers
 from fnf_jax.models import clip
 from fnf_jax.models import clip_tokenizer
 from fnf_jax.models import convert
+from fnf_jax.models import lora as lora_lib
+from fnf_jax.models import lora_io
 from fnf_jax.models import unet as unet_lib
 from fnf_jax.models import vae as vae_lib
 
@@ -152,7 +155,8 @@ class Pipeline:
   # --- inference ----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[str], *, latents=None, seed: int = 0,
                num_inference_steps: int = 50, guidance_scale: float = 7.5,
-               negative_prompt: str | Sequence[str] | None = "", eta: float = 0.0) -> np.ndarray:
+               negative_prompt: str | Sequence[str] | None = "", eta: float = 0.0,
+               lora=None, lora_scale: float | None = None) -> np.ndarray:
     """Images [B, H, W, 3] float32 in [0, 1] for `prompts`.
 
     Args:
@@ -165,6 +169,14 @@ class Pipeline:
         force_zeros_for_empty_prompt, an empty negative prompt means zero embeddings, as in
         diffusers when no negative prompt is given.
       eta: DDIM eta; > 0 draws sampler noise from `seed`.
+      lora: a LoRA applied to the UNet: a path (a file or a run's workdir: anything
+        `fnf_jax.models.lora_io.load` reads, read at every call) or a LoRA tree
+        (`fnf_jax.models.lora`; `lora_io.load` returns one). It runs beside the frozen kernels
+        as in training, so these are the images the training's panels show; its weights are an
+        argument of the compiled sampler, so another LoRA of the same layers and ranks (or
+        another scale) reuses the compilation.
+      lora_scale: s of W + s·A·B (alpha / rank). Required with a tree; with a path, None takes
+        the file's and a number replaces it.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     batch = len(prompts)
@@ -186,18 +198,38 @@ class Pipeline:
       noise = jax.random.normal(key_noise, (num_inference_steps,) + latents.shape, jnp.float32)
     do_cfg = guidance_scale > 1.0
     zero_uncond = self.zeroes_uncond(negative)
+    lora, lora_scale = self._lora(lora, lora_scale)
     images = _generate_jit(self, self.params, jnp.asarray(self.tokenize(prompts)),
                            jnp.asarray(self.tokenize(negative)), latents, noise,
                            jnp.float32(guidance_scale), num_inference_steps, do_cfg,
-                           zero_uncond, float(eta))
+                           zero_uncond, float(eta), lora, lora_scale)
     return np.asarray(images, np.float32)
+
+  def _lora(self, lora, lora_scale) -> tuple[dict | None, jax.Array | None]:
+    """(tree, scale) of generate's `lora` argument, checked against the UNet; (None, None)."""
+    if lora is None:
+      if lora_scale is not None:
+        raise ValueError("generate(lora_scale=...) without a lora")
+      return None, None
+    if isinstance(lora, (str, os.PathLike)):
+      tree, scale = lora_io.load(lora, self.params["unet"])
+      scale = scale if lora_scale is None else lora_scale
+    elif lora_scale is None:
+      raise ValueError("generate(lora=<a LoRA tree>) needs lora_scale (alpha / rank); "
+                       "lora_io.load returns both")
+    else:
+      tree, scale = lora, lora_scale
+    tree, scale = lora_io.load_tree(tree, self.params["unet"], scale=scale,
+                                    where="generate(lora=...)")
+    return tree, jnp.float32(scale)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
 def _generate_jit(pipe: Pipeline, params, ids, neg_ids, latents, noise, guidance_scale,
-                  num_steps: int, do_cfg: bool, zero_uncond: bool, eta: float):
+                  num_steps: int, do_cfg: bool, zero_uncond: bool, eta: float, lora, lora_scale):
   cond, uncond = pipe.conditioning(params, ids, neg_ids, guided=do_cfg, zero_uncond=zero_uncond)
-  denoise = pipe.denoiser(params["unet"], cond, uncond, guidance_scale)
+  added = None if lora is None else lora_lib.collection(lora, lora_scale)
+  denoise = pipe.denoiser(params["unet"], cond, uncond, guidance_scale, lora=added)
   x0, _ = sampling.sample(denoise, latents, pipe.scheduler, num_steps=num_steps, eta=eta, noise=noise)
   return pipe.decode(params["vae"], x0)
 

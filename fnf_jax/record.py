@@ -25,8 +25,13 @@ HISTORY = "config_history.jsonl"
 # Keys (or key prefixes, ending in ".") a resume may change.
 SAFE = ("job", "optim.lr", "optim.b1", "optim.b2", "optim.weight_decay", "optim.grad_clip",
         "optim.schedule", "optim.warmup_steps", "optim.decay_steps", "train.num_steps", "log.",
-        "checkpoint.", "data.prefetch", "data.workers", "eval.", "mesh.", "sharding_rules", "distributed.", "cache.",
-        "model.attention", "model.unet_remat", "model.vae_remat")
+        "checkpoint.", "data.prefetch", "data.workers", "eval.", "mesh.", "sharding_rules",
+        "distributed.", "cache.", "model.attention", "model.unet_remat", "model.vae_remat",
+        "model.lora")  # read by the sampling jobs only, never by training
+
+# Keys added after runs may have been recorded, with the value that means what those runs did: a
+# record without one is read as holding it (else every older run would refuse to resume).
+ADDED = {"lora.init": "", "model.lora": "", "prompts.data_dir": ""}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -74,7 +79,10 @@ def check_resume(config, workdir: str) -> dict:
     raise validate.ConfigError(f"{path}: the run record cannot be read ({e}); the workdir holds "
                                "checkpoints of a run whose settings are unknown. Use a fresh "
                                "workdir, or restore that file") from None
-  changes = differences(recorded, as_json(config))
+  now = as_json(config)
+  # Only the added keys this config has (the reward-training configs have none of them).
+  added = {k: v for k, v in ADDED.items() if k in flatten(now)}
+  changes = differences({**added, **flatten(recorded)}, now)
   unsafe = {k: v for k, v in changes.items() if not _safe(k)}
   if unsafe:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())

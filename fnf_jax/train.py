@@ -250,12 +250,13 @@ def _fit(config, workdir: str, run: Run, changes: dict) -> tuple[dict, dict]:
 
   # The mesh context and rules make the modules' nn.with_logical_constraint calls take effect.
   with mesh, nn.logical_axis_rules(run.rules):
-    # State: born sharded (LoRA and optimizer state are small: replicated).
-    init = lambda key, unet: run.step.init_state(key, unet)
-    abstract_state = jax.eval_shape(init, init_key, run.frozen["unet"])
+    # State: born sharded (LoRA and optimizer state are small: replicated). lora.init's tree
+    # is an argument, not a constant folded into the program.
+    init = lambda key, unet, start: run.step.init_state(key, unet, start)
+    abstract_state = jax.eval_shape(init, init_key, run.frozen["unet"], run.step.start)
     state_shardings = jax.tree.map(lambda _: repl, abstract_state)
-    state = jax.jit(init, out_shardings=state_shardings)(init_key,
-                                                         run.frozen["unet"])
+    state = jax.jit(init, out_shardings=state_shardings)(init_key, run.frozen["unet"],
+                                                         run.step.start)
     # Resume from the newest complete checkpoint, onto this mesh.
     if distributed.is_writer():
       checkpoint.remove_stale_temporaries(os.path.join(workdir, "checkpoints"))

@@ -26,12 +26,16 @@ from typing import Any, Callable, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 
 from fnf_jax import objective
 from fnf_jax import optimizer as optimizer_lib
 from fnf_jax import sampling
+from fnf_jax import validate
 from fnf_jax.models import lora as lora_lib
+from fnf_jax.models import lora_io
 from fnf_jax.rewards import masks
 from fnf_jax.rewards import registry
 
@@ -201,9 +205,61 @@ def train_step(loss_fn: Callable, reference_fn: Callable, tx: optax.GradientTran
                     opt_state=keep(opt_state, state.opt_state)), metrics
 
 
-def init_state(tx: optax.GradientTransformation, lora_cfg, rng, unet_params) -> TrainState:
-  lora = lora_lib.init(rng, unet_params, rank=lora_cfg.rank, pattern=lora_cfg.targets)
+def init_state(tx: optax.GradientTransformation, lora_cfg, rng, unet_params,
+               start=None) -> TrainState:
+  """Step 0: the LoRA `start` (a tree: `Step.start`, from lora.init) or a fresh one from `rng`
+  (B = 0: the base model)."""
+  if start is None:
+    lora = lora_lib.init(rng, unet_params, rank=lora_cfg.rank, pattern=lora_cfg.targets)
+  else:
+    lora = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), start)
   return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=tx.init(lora))
+
+
+def start_lora(lora_cfg, unet_params) -> dict | None:
+  """The LoRA tree of lora.init (None for ""), once its rank and layers are checked against
+  config.lora: a mismatch raises validate.ConfigError naming both, before anything compiles.
+  The file's A and B are taken as they are; config.lora.alpha sets the scale."""
+  if not lora_cfg.init:
+    return None
+  key = f"config.lora.init = {lora_cfg.init!r}"
+  try:
+    weights = lora_io.read(lora_cfg.init, unet_params, where=key)
+  except ValueError as e:
+    raise validate.ConfigError(str(e)) from None
+  if weights.rank != lora_cfg.rank:
+    layer, rank = next((l, r) for l, r in sorted(weights.ranks.items()) if r != lora_cfg.rank)
+    shape = np.shape(_at(weights.tree, layer)["lora_a"])
+    raise validate.ConfigError(
+        f"{key}: layer {'/'.join(layer)} has rank {rank} (lora_a {shape} [in, r]), but "
+        f"config.lora.rank = {lora_cfg.rank} needs {(shape[0], lora_cfg.rank)}: set "
+        f"--config.lora.rank={rank} (and lora.alpha), or start from a LoRA of rank "
+        f"{lora_cfg.rank}")
+  wanted = {p[:-1] for p in lora_lib.targets(unet_params, lora_cfg.targets)}
+  have = set(weights.ranks)
+  if have != wanted:
+    name = lambda layers: ", ".join("/".join(l) for l in sorted(layers)[:3])
+    raise validate.ConfigError(
+        f"{key}: its layers are not those config.lora.targets = {lora_cfg.targets!r} selects: "
+        f"{len(have - wanted)} in the file only (e.g. {name(have - wanted) or '-'}), "
+        f"{len(wanted - have)} selected but not in the file (e.g. {name(wanted - have) or '-'})."
+        " Set lora.targets to the file's layers")
+  scale = lora_lib.scale(lora_cfg.rank, lora_cfg.alpha)
+  file_scale = weights.single_scale()[1]
+  logging.info("%s: training starts from its %d layers (rank %d; the file's alpha %s, scale "
+               "%.4g); config.lora.alpha = %g applies: scale %.4g", key, len(have),
+               weights.rank, weights.alpha, file_scale, lora_cfg.alpha, scale)
+  if not np.isclose(file_scale, scale):
+    logging.warning("%s: the file's scale %.4g is not config.lora.alpha / rank = %.4g: step 0 "
+                    "is not the file's model (its A, B with another scale)", key, file_scale,
+                    scale)
+  return weights.tree
+
+
+def _at(tree: dict, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def cached_reference(frozen, batch):
@@ -213,16 +269,18 @@ def cached_reference(frozen, batch):
 
 class Step(NamedTuple):
   """The run's pure functions, bound to its pipeline, reward and config by `build`."""
-  init_state: Callable  # (rng, unet_params) -> TrainState
+  init_state: Callable  # (rng, unet_params[, start]) -> TrainState
   reference: Callable  # (frozen, batch) -> (Î0, M), computed by the frozen model
   loss: Callable  # (lora, frozen, batch, rng, Î0, M) -> (loss, (metrics, Î))
   train_step: Callable  # (state, frozen, batch, rng) -> (state, metrics)
   eval_images: Callable  # (lora, frozen, batch) -> Î
   tx: optax.GradientTransformation
+  start: Any = None  # lora.init's tree (host numpy), for init_state; None: a fresh LoRA
 
 
 def build(pipe, reward: registry.Reward, config) -> Step:
-  """The step of `config` (validated by fnf_jax.validate) for this pipeline and reward."""
+  """The step of `config` (validated by fnf_jax.validate) for this pipeline and reward. With
+  lora.init, its LoRA is read and checked here (`start_lora`), before anything compiles."""
   s = Sampler.from_config(config, pipe)
   tx = optimizer_lib.optimizer(config.optim)
   lora_scale = lora_lib.scale(config.lora.rank, config.lora.alpha)
@@ -235,4 +293,5 @@ def build(pipe, reward: registry.Reward, config) -> Step:
       loss=loss_fn,
       train_step=functools.partial(train_step, loss_fn, step_reference, tx, config.optim),
       eval_images=functools.partial(eval_images, pipe, s, lora_scale),
-      tx=tx)
+      tx=tx,
+      start=start_lora(config.lora, pipe.params["unet"]))

@@ -87,6 +87,15 @@ def existing(config, key: str, *, folder: bool) -> None:
     raise ConfigError(f"config.{key} = {path!r}: no such {'folder' if folder else 'file'}")
 
 
+def lora_source(config, key: str) -> None:
+  """A LoRA to read (fnf_jax/models/lora_io.py): "" = none, else a file or a run's workdir."""
+  text(config, key)
+  path = value(config, key)
+  if path and not os.path.exists(path):
+    raise ConfigError(f"config.{key} = {path!r}: no such file or folder (a LoRA .safetensors "
+                      "file or a training run's workdir; \"\" = none)")
+
+
 # --- rule sets --------------------------------------------------------------------------------
 MODEL_HELP = (
     "config.model.path is empty. Pass a diffusers-format Stable Diffusion folder (safetensors) "
@@ -120,39 +129,40 @@ def prompts(config) -> None:
   number(config, "prompts.eval_fraction", 0.0, 1.0, open_high=True)
 
 
-def reward(config) -> None:
-  name = value(config, "reward.name")
+def reward(config, key: str = "reward") -> None:
+  """The reward block at `key` (config.reward; the eval job's extra rewards, eval.rewards.*)."""
+  name = value(config, f"{key}.name")
   entries = registry.entries()
   if name not in entries:
-    raise ConfigError(f"config.reward.name = {name!r} is not one of {tuple(sorted(entries))}")
+    raise ConfigError(f"config.{key}.name = {name!r} is not one of {tuple(sorted(entries))}")
   for field in entries[name].fields:
-    value(config, f"reward.{field}")
-  fields = value(config, "reward").keys()
+    value(config, f"{key}.{field}")
+  fields = value(config, key).keys()
   if "dtype" in fields:
-    one_of(config, "reward.dtype", choices.DTYPES)
+    one_of(config, f"{key}.dtype", choices.DTYPES)
   if "saliency" in fields:
-    one_of(config, "reward.saliency", choices.SALIENCY_METHODS)
+    one_of(config, f"{key}.saliency", choices.SALIENCY_METHODS)
   if "remat" in fields:
-    boolean(config, "reward.remat")
+    boolean(config, f"{key}.remat")
   if "gradcam_sigma" in fields:
-    number(config, "reward.gradcam_sigma", 0.0)
+    number(config, f"{key}.gradcam_sigma", 0.0)
   if "sigma" in fields:
-    number(config, "reward.sigma", 0.0, open_low=True)
+    number(config, f"{key}.sigma", 0.0, open_low=True)
   if "scale" in fields:
-    number(config, "reward.scale", 0.0, open_low=True)
+    number(config, f"{key}.scale", 0.0, open_low=True)
   if "prompt_encoder" in fields:
-    integer(config, "reward.prompt_encoder", 0, 1)
+    integer(config, f"{key}.prompt_encoder", 0, 1)
   if "max_prompt_tokens" in fields:
-    integer(config, "reward.max_prompt_tokens", 2)
-  if entries[name].fields == registry.RAHF_FIELDS and value(config, "reward.weights") != "tiny":
+    integer(config, f"{key}.max_prompt_tokens", 2)
+  if entries[name].fields == registry.RAHF_FIELDS and value(config, f"{key}.weights") != "tiny":
     # Checked here, before the diffusion model loads ("tiny": random weights, no folders).
-    existing(config, "reward.vit_path", folder=True)
-    existing(config, "reward.t5_path", folder=True)
-    existing(config, "reward.weights", folder=False)
+    existing(config, f"{key}.vit_path", folder=True)
+    existing(config, f"{key}.t5_path", folder=True)
+    existing(config, f"{key}.weights", folder=False)
   if "color" in fields:
-    color = value(config, "reward.color")
+    color = value(config, f"{key}.color")
     if len(color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color):
-      raise ConfigError(f"config.reward.color = {color!r} is not valid: it must be an RGB "
+      raise ConfigError(f"config.{key}.color = {color!r} is not valid: it must be an RGB "
                         "triple in [0, 1]")
 
 
@@ -248,6 +258,10 @@ def training(config) -> None:
   integer(config, "train.lv_copies", 1)
   one_of(config, "train.remat_policy", choices.REMAT_POLICIES)
   one_of(config, "train.reference", choices.REFERENCE_MODES)
+  lora_source(config, "lora.init")
+  # Not read by training (it may name this very run's workdir, not there yet): the jobs that
+  # read it check that it exists.
+  text(config, "model.lora")
   if value(config, "data.min_mask_area") > 0 and value(config, "train.reference") != "cache":
     raise ConfigError(
         f"config.data.min_mask_area = {value(config, 'data.min_mask_area')} selects examples by "
@@ -274,6 +288,8 @@ def training(config) -> None:
   integer(config, "cache.shard_size", 1)
   one_of(config, "cache.dtype", choices.CACHE_DTYPES)
   checkpoint_and_log(config)
+  if "runs" in value(config, "eval").keys():  # the toy demo's configs have an eval of their own
+    eval_block(config)
 
 
 def optim(config) -> None:
@@ -349,6 +365,7 @@ def sample_job(config) -> None:
   """configs/sample.py."""
   distributed(config)
   model(config, tiny_ok=False)
+  lora_source(config, "model.lora")
   prompts(config)
   one_of(config, "prompts.split", choices.PROMPT_SPLITS)
   seeds = value(config, "seeds")
@@ -360,3 +377,26 @@ def sample_job(config) -> None:
   integer(config, "sampling.num_steps", 1)
   number(config, "sampling.guidance_scale", 0.0)
   text(config, "sampling.negative_prompt")
+
+
+def evaluation(config) -> None:
+  """The eval job: a training config (configs/focus_n_fix.py) with its block `eval`."""
+  training(config)
+
+
+def eval_block(config) -> None:
+  """Block `eval` of a training config, checked with the rest of it: a bad value fails the
+  training run at once, not the evaluation after it."""
+  runs = value(config, "eval.runs")
+  if not isinstance(runs, (tuple, list)) or not all(isinstance(r, str) for r in runs):
+    raise ConfigError(f"config.eval.runs = {runs!r} is not valid: a tuple of 'NAME=WORKDIR' "
+                      "strings (or () for --workdir itself)")
+  integer(config, "eval.seeds_per_prompt", 1)
+  integer(config, "eval.seed_offset", 0)
+  integer(config, "eval.max_prompts", 0)
+  integer(config, "eval.grid_rows", 1)
+  number(config, "eval.judge_threshold", -math.inf)
+  for key in value(config, "eval.rewards").keys():
+    reward(config, f"eval.rewards.{key}")
+  one_of(config, "eval.judge", ("",) + tuple(sorted(value(config, "eval.rewards").keys())))
+

@@ -21,6 +21,7 @@ def test_training_configs(name):
   module = load(name)
   real, local = module.get_config(), module.get_config("runlocal")
   assert real.model.path == "" and local.model.path == "tiny"
+  assert real.lora.init == "" and real.model.lora == ""  # a fresh LoRA; no LoRA to sample with
   assert local.train.num_steps <= 10 and local.sampling.num_steps <= 5
   assert "python -m fnf_jax.main --config=configs/" in module.__doc__
   with pytest.raises(ValueError, match="runlocal"):
@@ -35,4 +36,4 @@ def test_draft_is_focus_n_fix_with_ones_mask_and_no_constraint():
 
 def test_sample_config():
   c = load("sample").get_config()
-  assert c.job == "sample" and c.sampling.num_steps == 50
+  assert c.job == "sample" and c.sampling.num_steps == 50 and c.model.lora == ""

@@ -13,6 +13,7 @@ import pytest
 from fnf_jax import main as main_lib
 from fnf_jax import pipeline
 from fnf_jax.rewards import registry
+from fnf_jax import evaluation
 from fnf_jax.toy import evaluate
 from fnf_jax.toy import judge
 from fnf_jax.toy import methods
@@ -31,15 +32,15 @@ def test_change_metrics_known_values():
   ref = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
   mask = np.zeros((2, 32, 32), np.float32)
   mask[:, 10:20, 10:20] = 1.0
-  same = evaluate.change(ref, ref, mask)
+  same = evaluation.change(ref, ref, mask)
   assert same["psnr_outside"] is None and same["ssim_outside"] == pytest.approx(1.0)
   assert same["change_inside"] == same["change_outside"] == 0.0
   moved = ref.copy()
   moved[:, 10:20, 10:20] += 0.5  # only inside M
-  m = evaluate.change(moved, ref, mask)
+  m = evaluation.change(moved, ref, mask)
   assert m["psnr_outside"] is None and m["change_inside"] == pytest.approx(0.5)
   moved[:, 0] += 0.1  # one row outside M: mse = 0.01 * 32 / (32 * 32 - 100)
-  m = evaluate.change(moved, ref, mask)
+  m = evaluation.change(moved, ref, mask)
   assert m["psnr_outside"] == pytest.approx(10 * np.log10(1 / (0.01 * 32 / 924)), rel=1e-4)
   assert m["ssim_outside"] < 1.0
 
@@ -47,8 +48,8 @@ def test_change_metrics_known_values():
 def test_ssim_matches_the_definition_on_flat_images():
   a = np.full((1, 16, 16, 3), 0.5)
   b = np.full((1, 16, 16, 3), 0.7)  # flat: SSIM = luminance term only
-  want = (2 * 0.5 * 0.7 + evaluate.SSIM_C1) / (0.5**2 + 0.7**2 + evaluate.SSIM_C1)
-  np.testing.assert_allclose(evaluate.ssim_map(a, b), want, rtol=1e-6)
+  want = (2 * 0.5 * 0.7 + evaluation.SSIM_C1) / (0.5**2 + 0.7**2 + evaluation.SSIM_C1)
+  np.testing.assert_allclose(evaluation.ssim_map(a, b), want, rtol=1e-6)
 
 
 def test_method_metrics_counts_fixed_and_new_defects():

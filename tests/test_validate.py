@@ -20,7 +20,7 @@ REAL = ("model.path=tiny", "prompts.source=parti", "prompts.path=tests/data/Part
 # (config, override, what the message must say)
 CASES = [
     # every enumerated field of the training configs
-    (TRAIN, "job=bogus", "config.job = 'bogus' is not one of ['cache', 'demo', 'eval_reward', 'pretrain', 'sample', 'train', 'train_reward']"),
+    (TRAIN, "job=bogus", "config.job = 'bogus' is not one of ['cache', 'demo', 'eval', 'eval_reward', 'pretrain', 'sample', 'train', 'train_reward']"),
     (TRAIN, "model.dtype=float16", "config.model.dtype = 'float16' is not one of ('float32', 'bfloat16')"),
     (TRAIN, "model.attention=flash", "config.model.attention = 'flash' is not one of ('xla', 'cudnn', 'auto', 'chunked')"),
     (TRAIN, "prompts.source=csv", "config.prompts.source = 'csv' is not one of ('list', 'text', 'parti', 'i2p')"),
@@ -88,6 +88,7 @@ CASES = [
     (TRAIN, "log.every=0", "config.log.every = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "log.image_every=-1", "config.log.image_every = -1 is not valid: it must be an integer >= 0"),
     (TRAIN, "model.path=/nonexistent/sd15", "config.model.path = '/nonexistent/sd15': no such folder"),
+    (TRAIN, "lora.init=/nowhere/lora.safetensors", "config.lora.init = '/nowhere/lora.safetensors': no such file or folder"),
     ("configs/violence.py", "model.path=", "config.model.path is empty. Pass a diffusers-format"),
     ("configs/violence.py", "model.path=tiny", "config.prompts.path = 'data/i2p_benchmark.csv': no such file"),
     # the RAHF rewards: their folders and file, before the diffusion model loads
@@ -99,6 +100,7 @@ CASES = [
     ("configs/sample.py:runlocal", "batch_size=0", "config.batch_size = 0 is not valid: it must be an integer >= 1"),
     ("configs/sample.py:runlocal", "prompts.split=test", "config.prompts.split = 'test' is not one of ('train', 'eval', 'all')"),
     ("configs/sample.py:runlocal", "sampling.num_steps=0", "config.sampling.num_steps = 0 is not valid"),
+    ("configs/sample.py:runlocal", "model.lora=/nowhere/run", "config.model.lora = '/nowhere/run': no such file or folder"),
     # the toy world's jobs
     ("configs/toy.py:runlocal", "eval.seeds_per_prompt=0", "config.eval.seeds_per_prompt = 0 is not valid: it must be an integer >= 1"),
     ("configs/toy.py:runlocal", "draft.objective.reward_region=all", "the DRaFT run (config.draft applied): config.objective.reward_region = 'all' is not one of ('full', 'mask')"),
@@ -176,12 +178,14 @@ MEANINGFUL = {
         "optim.b1", "optim.b2", "optim.warmup_steps", "optim.weight_decay",
         "prompts.eval_fraction", "sampling.eta", "sampling.guidance_scale",
         "seed", "data_seed", "eval.seed_offset", "defect_rate", "eval.guidance_scale",
+        "eval.max_prompts",  # every held-out prompt
+        "eval.judge_threshold",  # rewards may be negative
         "reward.warmup_steps", "reward.weight_decay", "unet.caption_dropout", "unet.ema_decay",
         "unet.warmup_steps", "unet.weight_decay", "vae.defect_rate", "vae.defect_weight",
         "vae.kl_weight", "vae.min_defect_recall", "vae.warmup_steps", "vae.weight_decay"},
     -1: {"distributed.process_id",  # detected from the cluster
          "mesh.data", "mesh.fsdp",  # "the rest of the devices"
-         "mask.gate_threshold"},
+         "mask.gate_threshold", "eval.judge_threshold"},
 }
 
 

@@ -152,3 +152,16 @@ def load(cfg, split: str = "train", *,
   logging.info(report.summary(where))
   return prompts, report
 
+
+def categories(cfg) -> dict[str, tuple[str, ...]]:
+  """{prompt (as `load` returns it): its categories} of the source; empty for sources without
+  categories (list, text). What an evaluation breaks its numbers down by."""
+  if cfg.source in ("list", "text"):
+    return {}
+  out = {}
+  for _, prompt, cats in _read_rows(cfg):
+    prompt = " ".join(prompt.split())
+    if prompt:
+      out.setdefault(prompt, tuple(cats))
+  return out
+

@@ -6,7 +6,8 @@
 writes model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ so that a model
 trained here (the toy world's, say) ships as a real checkpoint: `fnf_jax.pipeline.load` reads
 it like any SD folder and diffusers' `StableDiffusionPipeline.from_pretrained` loads it too. No
-torch is needed to write it.
+torch is needed to write it. `replace_unet(source, folder, unet_params=...)` writes a copy of an
+existing folder with other UNet weights (a merged LoRA: tools/merge_lora.py).
 
 Key rule: module paths by `convert.torch_key` (the rule the LoRA export shares); Dense kernels
 [in, out] -> Linear weights [out, in]; Conv kernels [kh, kw, I, O] -> [O, I, kh, kw]; `scale`
@@ -15,6 +16,7 @@ and `embedding` -> `weight`. Before anything is written the whole state dict goe
 naming the parameter.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -97,12 +99,8 @@ def export_pipeline(folder: str, *, unet_config, unet_params, vae_config, vae_pa
   existing folder is replaced only with `overwrite=True` and only if it holds a pipeline.
   """
   folder = os.path.abspath(folder)
-  if os.path.exists(folder):
-    if not overwrite:
-      raise FileExistsError(f"{folder!r} exists; pass overwrite=True to replace it")
-    if os.listdir(folder) and not os.path.isfile(os.path.join(folder, "model_index.json")):
-      raise FileExistsError(f"{folder!r} is not empty and holds no model_index.json: refusing "
-                            "to replace a folder that is not a pipeline")
+  if os.path.exists(folder) and not overwrite:  # before the checks' work (again when writing)
+    raise FileExistsError(f"{folder!r} exists; pass overwrite=True to replace it")
   unet_cfg, vae_cfg = _as_dict(unet_config), _as_dict(vae_config)
   text_cfg, sched_cfg = _as_dict(text_config), _as_dict(scheduler_config)
   clip_tokenizer.load(tokenizer_dir)  # fails early, naming what is missing
@@ -116,10 +114,7 @@ def export_pipeline(folder: str, *, unet_config, unet_params, vae_config, vae_pa
   _check(vae_state, vae_module, (vae_lib.dummy_images(vae_module.config),), "vae_params")
   _check(unet_state, unet_module, unet_lib.dummy_inputs(unet_module.config), "unet_params")
 
-  os.makedirs(os.path.dirname(folder), exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".partial-",
-                             dir=os.path.dirname(folder))
-  try:
+  with _staged(folder, overwrite) as staging:
     meta = {"_diffusers_version": DIFFUSERS_VERSION}
     _write_component(os.path.join(staging, "unet"),
                      {**meta, **unet_cfg, "_class_name": "UNet2DConditionModel"}, unet_state,
@@ -144,10 +139,57 @@ def export_pipeline(folder: str, *, unet_config, unet_params, vae_config, vae_pa
              "image_encoder": [None, None], "requires_safety_checker": False}
     with open(os.path.join(staging, "model_index.json"), "w") as f:
       json.dump(index, f, indent=2)
+  return folder
+
+
+def replace_unet(source: str, folder: str, *, unet_params, overwrite: bool = False) -> str:
+  """Writes a copy of the diffusers folder `source` whose UNet weights are `unet_params` (a
+  float32 unet/diffusion_pytorch_model.safetensors; every other file copied as it is, so SD 1.x,
+  2.x and SDXL folders alike); returns `folder`. How tools/merge_lora.py ships a LoRA merged
+  into the UNet. The weights are checked against unet/config.json first, and the folder is
+  assembled beside its destination as `export_pipeline` does."""
+  source, folder = os.path.abspath(source), os.path.abspath(folder)
+  if not os.path.isfile(os.path.join(source, "model_index.json")):
+    raise convert.CheckpointError(f"{source!r} holds no model_index.json: not a diffusers "
+                                  "pipeline folder")
+  if source == folder:
+    raise ValueError(f"replace_unet: the output {folder!r} is the source folder")
+  unet_dir = os.path.join(source, "unet")
+  module = unet_lib.UNet2DConditionModel(
+      unet_lib.UNetConfig.from_dict(convert.read_config(unet_dir)))
+  state = state_dict(unet_params)
+  _check(state, module, unet_lib.dummy_inputs(module.config), "unet_params")
+  # The source's UNet weights (any variant, sharding or pickle) are not copied: stale copies
+  # beside the new file would load instead of it with variant= or from an index.
+  weights = lambda d, names: [n for n in names if os.path.normpath(d) == unet_dir and (
+      n.endswith((".safetensors", ".bin", ".index.json", ".pt", ".ckpt")))]
+  with _staged(folder, overwrite) as staging:
+    os.rmdir(staging)
+    shutil.copytree(source, staging, ignore=weights)
+    convert.write_safetensors(os.path.join(staging, "unet", "diffusion_pytorch_model.safetensors"),
+                              state, metadata={"format": "pt"})
+  return folder
+
+
+@contextlib.contextmanager
+def _staged(folder: str, overwrite: bool):
+  """A fresh folder beside `folder` to assemble it in, moved into place when the block ends
+  (and removed if it fails): a crash never leaves a half-written checkpoint. An existing
+  `folder` is replaced only with `overwrite` and only if it holds a pipeline."""
+  if os.path.exists(folder):
+    if not overwrite:
+      raise FileExistsError(f"{folder!r} exists; pass overwrite=True to replace it")
+    if os.listdir(folder) and not os.path.isfile(os.path.join(folder, "model_index.json")):
+      raise FileExistsError(f"{folder!r} is not empty and holds no model_index.json: refusing "
+                            "to replace a folder that is not a pipeline")
+  os.makedirs(os.path.dirname(folder), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".partial-",
+                             dir=os.path.dirname(folder))
+  try:
+    yield staging
     if os.path.exists(folder):
       shutil.rmtree(folder)
     os.replace(staging, folder)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return folder

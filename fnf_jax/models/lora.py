@@ -7,6 +7,9 @@ base model exactly. The model applies it beside the frozen kernel: `collection` 
 the "lora" variable collection that `fnf_jax.models.layers.Dense` reads
 (`module.apply({"params": base, "lora": collection(lora, scale)}, ...)`), so the update is never
 rounded into a bfloat16 kernel. `merge` (W + s·A·B in the kernel) is for exports and checks.
+
+Files: `fnf_jax.checkpoint.export_lora_safetensors` writes a tree in diffusers' / peft's keys;
+`fnf_jax.models.lora_io` reads those, diffusers' / peft's own and a run's workdir back.
 """
 
 import re

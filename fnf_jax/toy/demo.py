@@ -13,12 +13,10 @@ reuses the Focus-N-Fix run's compiled reference and sampler.
 import os
 import time
 
-import jax
-import numpy as np
 from absl import logging
 
+from fnf_jax import eval_job
 from fnf_jax import train as train_lib
-from fnf_jax import train_step
 from fnf_jax.data import examples as examples_lib
 from fnf_jax.reference import directory as reference_directory
 from fnf_jax.toy import evaluate
@@ -42,30 +40,12 @@ def eval_examples(config) -> list:
 
 
 def sample_all(run, loras: dict, examples: list, config) -> dict:
-  """Î0 and M of the base model and each LoRA's images, for every example; numpy."""
-  reference_fn, images_fn = run.reference_fn, run.eval_images_fn
-  score_fn = jax.jit(run.reward.score)
-  s, bs = config.sampling, config.data.batch_size
-  out = {k: [] for k in ("reference", "mask", *[f"images_{m}" for m in loras],
-                         *[f"reward_{m}" for m in ("base", *loras)])}
-  for start in range(0, len(examples), bs):
-    chunk = examples[start:start + bs]
-    pad = bs - len(chunk)  # the last batch is padded with repeats so nothing recompiles
-    batch = examples_lib.host_batch(run.pipe, chunk + chunk[:1] * pad,
-                                    negative_prompt=s.negative_prompt, num_steps=s.num_steps,
-                                    eta=s.eta, reward=run.reward)
-    batch.pop("index")
-    ids = train_step.reward_ids(run.reward, batch)
-    reference, mask = reference_fn(run.frozen, batch)
-    keep = slice(0, len(chunk))
-    out["reference"].append(np.asarray(reference)[keep])
-    out["mask"].append(np.asarray(mask)[keep])
-    out["reward_base"].append(np.asarray(score_fn(run.reward.params, reference, ids))[keep])
-    for name, lora in loras.items():
-      images = images_fn(lora, run.frozen, batch)
-      out[f"images_{name}"].append(np.asarray(images)[keep])
-      out[f"reward_{name}"].append(np.asarray(score_fn(run.reward.params, images, ids))[keep])
-  return {k: np.concatenate(v) for k, v in out.items()}
+  """Î0 and M of the base model and each LoRA's images and rewards, for every example; numpy.
+  The eval job's sampling (fnf_jax/eval_job.py), in the demo's names."""
+  out = eval_job.sample(config, run, loras, examples, {"target": run.reward})
+  return {"reference": out["reference"], "mask": out["mask"],
+          **{f"images_{m}": out[f"images/{m}"] for m in loras},
+          **{f"reward_{m}": out[f"score/target/{m}"] for m in ("base", *loras)}}
 
 
 def run(config, workdir: str) -> dict:

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from fnf_jax import eval_report
 from fnf_jax.toy import world
 
 # (key in metrics.json, column title, format); the order of the printed and HTML tables.
@@ -70,37 +71,10 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def svg_curve(series: dict[str, list[tuple[float, float]]], title: str, *, width: int = 360,
-              height: int = 220) -> str:
-  """A line chart of {label: [(step, value)]} as inline SVG."""
-  colors = {"draft": "#d62728", "fnf": "#1f77b4"}
-  points = [p for s in series.values() for p in s]
-  if not points:
-    return f"<p>{html.escape(title)}: no data</p>"
-  xs, ys = [p[0] for p in points], [p[1] for p in points]
-  x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-  y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-  pad = 40
-  sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - pad - 10)
-  sy = lambda y: height - pad + (y - y0) / (y1 - y0) * (pad + 20 - height)
-  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="11">',
-           f'<text x="{width / 2}" y="14" text-anchor="middle">{html.escape(title)}</text>',
-           f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" '
-           'stroke="#888"/>',
-           f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
-           f'<text x="{pad}" y="{height - pad + 14}">{x0:g}</text>',
-           f'<text x="{width - 10}" y="{height - pad + 14}" text-anchor="end">step {x1:g}</text>',
-           f'<text x="{pad - 3}" y="{height - pad}" text-anchor="end">{y0:.3g}</text>',
-           f'<text x="{pad - 3}" y="26" text-anchor="end">{y1:.3g}</text>']
-  for k, (name, s) in enumerate(series.items()):
-    color = colors.get(name, "#333")
-    pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-    parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
-    parts.append(f'<text x="{width - 12}" y="{34 + 14 * k}" text-anchor="end" '
-                 f'fill="{color}">{html.escape(NAMES.get(name, name))}</text>')
-  parts.append("</svg>")
-  return "".join(parts)
+def svg_curve(series: dict[str, list[tuple[float, float]]], title: str, **kwargs) -> str:
+  """The eval report's chart (fnf_jax/eval_report.py) in the demo's colours and names."""
+  return eval_report.svg_curve(series, title, colors={"draft": "#d62728", "fnf": "#1f77b4"},
+                               labels=NAMES, **kwargs)
 
 
 def write(folder: str, metrics: dict, out: dict, captions: list[str], logs: dict[str, str], *,
