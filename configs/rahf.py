@@ -14,8 +14,8 @@ test.html with RAHF's metrics. Anchors, README "Training a heatmap reward model"
 
 Variants:
   :runlocal   a tiny random RAHF (64² images) on data.manual_dir's RichHF layout, 300 steps
-              (about 3 min on 2 CPU cores; the tests' config: point data.manual_dir at a mini
-              RichHF)
+              (about 2 min on 2 CPU cores; the tests' config (make test-slow): point
+              data.manual_dir at a mini RichHF)
   :toy        the toy world's defect reward (fnf_jax/toy): its generated `toy_defects` data,
               no manual files, the same trainer; the export is a toy_defect reward file
   :toy_tiny   :toy with the dataset's tiny builder config and a few steps (tests)

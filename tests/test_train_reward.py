@@ -58,6 +58,7 @@ def _main(workdir, *overrides: str) -> dict:
   return proc
 
 
+@pytest.mark.slow  # ~90 s (300 steps): `make test-slow`; the toy tests below train in `make test`
 def test_tiny_rahf_learns_the_heatmaps_and_beats_its_untrained_self(tmp_path):
   manifest = write_mini_richhf(tmp_path / "manual", n_train=66, n_dev=4, n_test=24, seed=1)
   manual = f"--config.data.manual_dir={tmp_path / 'manual'}"
