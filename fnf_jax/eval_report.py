@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 BASE = "base"
 OUTLINE = (255, 0, 255)
+GAP_GRAY = 102  # 0.4 of white, between and around the tiles
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 # (key in a method's metrics, column title, format)
 COLUMNS = (("reward/target", "target reward", "{:+.3f}"),
@@ -56,21 +57,26 @@ def table(methods: dict, cols) -> str:
   return f"<table>{head}</tr>{body}</table>"
 
 
-def grid(images: np.ndarray, outlines: np.ndarray, cols: int, scale: int = 1,
+def grid(images: np.ndarray, outlines: np.ndarray | None = None, cols: int = 8, scale: int = 1,
          gap: int = 2) -> np.ndarray:
-  """Tiles [N, H, W, 3] in [0, 1] -> one uint8 image; outlines [N, H, W] bool drawn in magenta."""
-  tiles = np.round(np.clip(np.asarray(images, np.float32), 0, 1) * 255).astype(np.uint8)
+  """Tiles [N, H, W, 3] in [0, 1] -> one uint8 image, each upscaled `scale`x (nearest), `gap`
+  px apart on gray; with outlines [N, H, W] bool, those pixels' outline drawn in magenta."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+  tiles = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
   tiles = np.repeat(np.repeat(tiles, scale, 1), scale, 2)
-  big = np.repeat(np.repeat(np.asarray(outlines, bool), scale, 1), scale, 2)
-  inner = big.copy()  # erode by one pixel: the outline is the mask minus its interior
-  inner[:, 1:] &= big[:, :-1]
-  inner[:, :-1] &= big[:, 1:]
-  inner[:, :, 1:] &= big[:, :, :-1]
-  inner[:, :, :-1] &= big[:, :, 1:]
-  tiles[big & ~inner] = OUTLINE
+  if outlines is not None:
+    big = np.repeat(np.repeat(np.asarray(outlines, bool), scale, 1), scale, 2)
+    inner = big.copy()  # erode by one pixel: the outline is the mask minus its interior
+    inner[:, 1:] &= big[:, :-1]
+    inner[:, :-1] &= big[:, 1:]
+    inner[:, :, 1:] &= big[:, :, :-1]
+    inner[:, :, :-1] &= big[:, :, 1:]
+    tiles[big & ~inner] = OUTLINE
   n, h, w, _ = tiles.shape
   rows = -(-n // cols)
-  canvas = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), 100, np.uint8)
+  canvas = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), GAP_GRAY, np.uint8)
   for i in range(n):
     r, c = divmod(i, cols)
     canvas[gap + r * (h + gap):gap + r * (h + gap) + h,

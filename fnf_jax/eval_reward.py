@@ -65,13 +65,11 @@ def evaluate(setup, workdir: str, weights: str) -> dict:
   heat_rows = {k: [] for k in setup.heatmaps}
   scores = {k: ([], []) for k in setup.scores}
   shown = []
-  for host in reward_data.stream(batch_at, range(reward_data.num_eval_batches(n, size)),
-                                 config.data.workers):
+  batches = range(reward_data.num_eval_batches(n, size))
+  for k, host in zip(batches, reward_data.stream(batch_at, batches, config.data.workers)):
     batch = train_reward.device_batch(setup, host, size)
     heat, score = apply(params, batch)
-    valid = distributed.gather(
-        jax.make_array_from_process_local_data(
-            sharding.batch_sharding(setup.mesh, 1, setup.rules), host["valid"], (size,)))
+    valid = np.arange(k * size, (k + 1) * size) < n  # the global rows that are not padding
     got = {k: distributed.gather(v)[valid] for k, v in heat.items()}
     true = {k: reward_data.unit(distributed.gather(batch[f"heatmap/{k}"])[valid])
             for k in setup.heatmaps}
@@ -155,12 +153,11 @@ def page(report: dict, shown: list) -> str:
         f"<th>{esc(k)} true</th><th>{esc(k)} predicted</th>" for k in heads) + "</tr>")
     for image, maps in shown:
       cells = [_png(image)]
+      w = image.shape[1]
       for k in heads:
         true, pred = maps[k]
-        cells += [_png(metrics_lib.heatmap_panel(image[None], true[None], pred[None])[0][
-            :, image.shape[1]:2 * image.shape[1]]),
-                  _png(metrics_lib.heatmap_panel(image[None], true[None], pred[None])[0][
-                      :, 2 * image.shape[1]:])]
+        panel = metrics_lib.heatmap_panel(image[None], true[None], pred[None])[0]
+        cells += [_png(panel[:, w:2 * w]), _png(panel[:, 2 * w:])]
       out.append("<tr>" + "".join(f"<td><img src='{c}'></td>" for c in cells) + "</tr>")
     out.append("</table>")
   out.append("</body></html>")

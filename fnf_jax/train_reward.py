@@ -191,9 +191,10 @@ def _fit(run: Setup, workdir: str, changes: dict) -> str:
     # params' shardings through zeros_like); its counters, made from nothing, land on one
     # device: those are replicated over the mesh.
     everywhere = set(mesh.devices.flat)
+    opt_state = jax.jit(opt.init)(params)
     o_shardings = jax.tree.map(lambda x: x.sharding if x.sharding.device_set == everywhere
-                               else repl, jax.jit(opt.init)(params))
-    opt_state = jax.jit(opt.init, out_shardings=o_shardings)(params)
+                               else repl, opt_state)
+    opt_state = jax.device_put(opt_state, o_shardings)  # moves only the counters
     state = {"params": params, "opt_state": opt_state,
              "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
     s_shardings = {"params": p_shardings, "opt_state": o_shardings, "step": repl}
@@ -217,6 +218,7 @@ def _fit(run: Setup, workdir: str, changes: dict) -> str:
     batch_at = reward_data.TrainBatch(source, run.decode, size, rows(run, size), config.seed)
     jitted = jax.jit(make_train_step(run, opt), out_shardings=(s_shardings, repl),
                      donate_argnums=0)
+    predict_fn = jax.jit(functools.partial(predict, run))  # for the panels: compiled once
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard,
                                       resume_step=start)
     stop = checkpoint.install_preemption_handler()
@@ -242,7 +244,7 @@ def _fit(run: Setup, workdir: str, changes: dict) -> str:
           logging.info(metrics_lib.console_line(step + 1, steps, last, ips,
                                                 (steps - step - 1) * elapsed / done))
         if config.log.image_every and (step + 1) % config.log.image_every == 0:
-          _panels(run, writer, state["params"], batch, step + 1)
+          _panels(run, predict_fn, writer, state["params"], batch, step + 1)
         ckpt.save(step + 1, {"train": state}, {"step": step + 1}, force=final)
         if preempted:
           logging.warning("SIGTERM received: saved step %d, exiting with status 143", step + 1)
@@ -267,9 +269,9 @@ def _fetch(pending: list) -> dict:
   return {k: float(v) for k, v in m.items()}
 
 
-def _panels(run: Setup, writer, params, batch, step: int) -> None:
+def _panels(run: Setup, predict_fn, writer, params, batch, step: int) -> None:
   """TensorBoard panels image | true | predicted heatmap for each heatmap head (a few rows)."""
-  heat, _ = jax.jit(functools.partial(predict, run))(params, batch)
+  heat, _ = predict_fn(params, batch)
   images = distributed.gather(batch["image"])[:4]
   for k in run.heatmaps:
     true = reward_data.unit(distributed.gather(batch[f"heatmap/{k}"])[:4])

@@ -65,8 +65,8 @@ def _gray(data: bytes) -> np.ndarray:
     return np.asarray(im.convert("L"), np.uint8)
 
 
-def _check_image(path: str) -> None:
-  with Image.open(path) as im:
+def _check_image(data: bytes) -> None:
+  with Image.open(io.BytesIO(data)) as im:
     im.verify()  # the header and the data's integrity, without decoding the pixels
 
 
@@ -154,8 +154,10 @@ class Richhf18k(tfds.core.GeneratorBasedBuilder):
     image_path = os.path.join(manual, "images", filename)
     if not os.path.isfile(image_path):
       return out, f"missing_image: {image_path}"
+    with open(image_path, "rb") as f:
+      image = f.read()  # read once: checked here, stored below
     try:
-      _check_image(image_path)
+      _check_image(image)
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds
       return out, f"unreadable_image: {image_path} ({type(e).__name__}: {e})"
     for m in MAPS:
@@ -174,7 +176,6 @@ class Richhf18k(tfds.core.GeneratorBasedBuilder):
     if len(label_text) != len(words) or any(v not in ("0", "1") for v in label_text):
       return out, (f"bad_label: {len(label_text)} label(s) {label_text[:8]} for the prompt's "
                    f"{len(words)} token(s)")
-    with open(image_path, "rb") as f:
-      out["image"] = f.read()
+    out["image"] = image
     out.update(prompt=prompt, tokens=words, token_label=[int(v) for v in label_text])
     return out, None

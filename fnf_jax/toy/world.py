@@ -137,29 +137,11 @@ def batch(indices: Sequence[int], *, seed: int = 0, defect_rate: float = 0.3) ->
 
 def grid(images: np.ndarray, *, cols: int = 8, scale: int = 4, masks: np.ndarray | None = None,
          gap: int = 2) -> np.ndarray:
-  """[B, H, W, 3] in [0, 1] -> one uint8 image, upscaled `scale`x (nearest), `gap` px apart.
-
-  With `masks` [B, H, W], the masked pixels are outlined in magenta (for docs and reports).
-  """
-  images = np.asarray(images, np.float32)
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-  b, h, w, _ = images.shape
-  tiles = np.repeat(np.repeat(images, scale, 1), scale, 2)
-  if masks is not None:
-    big = np.repeat(np.repeat(np.asarray(masks, bool), scale, 1), scale, 2)
-    inner = big.copy()  # erode by one pixel: the outline is the mask minus its interior
-    inner[:, 1:] &= big[:, :-1]; inner[:, :-1] &= big[:, 1:]
-    inner[:, :, 1:] &= big[:, :, :-1]; inner[:, :, :-1] &= big[:, :, 1:]
-    tiles[big & ~inner] = (1.0, 0.0, 1.0)
-  rows = -(-b // cols)
-  th, tw = h * scale, w * scale
-  canvas = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), 0.4, np.float32)
-  for i in range(b):
-    r, c = divmod(i, cols)
-    canvas[gap + r * (th + gap):gap + r * (th + gap) + th,
-           gap + c * (tw + gap):gap + c * (tw + gap) + tw] = tiles[i]
-  return np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+  """[B, H, W, 3] in [0, 1] -> one uint8 image, upscaled `scale`x (nearest), `gap` px apart;
+  with `masks` [B, H, W], the masked pixels outlined in magenta (fnf_jax/eval_report.py's grid,
+  which the eval reports draw too)."""
+  from fnf_jax import eval_report  # pylint: disable=import-outside-toplevel
+  return eval_report.grid(images, masks, cols=cols, scale=scale, gap=gap)
 
 
 def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
