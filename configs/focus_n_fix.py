@@ -126,8 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
   # c.eval.rewards.aesthetic = clip_reward("laion_aesthetic", ...): each is reported beside the
   # target reward, so a fix that costs another aspect shows.
   c.eval.rewards = ml_collections.ConfigDict()
-  c.eval.judge = ""  # the reward that says which images are problems: "" = c.reward, or a key
-  c.eval.judge_threshold = 0.0  # an image is a problem when the judge scores it below this
+  # What says which images are problems: "" = c.reward, a key of c.eval.rewards (either: an
+  # image is a problem when it scores below eval.judge_threshold), or an analytic judge's name
+  # (fnf_jax/judges.py: "toy" knows the toy world's rules; its other measures are reported too).
+  c.eval.judge = ""
+  c.eval.judge_threshold = 0.0
   c.eval.grid_rows = 8  # examples in the report's grid (the base's largest masks first)
 
   c.log = ml_collections.ConfigDict()

@@ -86,9 +86,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.draft = ml_collections.ConfigDict({"objective": {"mask": "ones", "reward_region": "full",
                                                      "beta": 0.0, "gamma": 0.0}})
 
-  c.eval = ml_collections.ConfigDict()
+  # The evaluation is the eval job's (fnf_jax/eval_job.py); prompts.eval_fraction is 0, so it
+  # samples every caption, at other seeds than training's.
   c.eval.seeds_per_prompt = 16  # 192 held-out images per method
   c.eval.seed_offset = 1_000_000  # eval examples use base seed seed + this: other x_T than training
+  c.eval.judge = "toy"  # the analytic judge (fnf_jax/toy/judge.py): defects, prompt fidelity
   c.eval.grid_rows = 8  # examples shown in the report's grid (base-defective ones first)
 
   if arg == "runlocal":

@@ -14,10 +14,14 @@ offset by `eval.seed_offset` (other x_T than training's). Per method (fnf_jax/ev
     the target reward (config.reward) and each reward of `eval.rewards`: mean, and the paired
         change against the base with its standard error;
     outside the base image's mask M: PSNR, SSIM, MSE, mean change; inside M: the mean change;
-    problems by the judge (`eval.judge`: "" = the target reward, or a key of eval.rewards) with
-        `eval.judge_threshold`: an image is a problem when the judge's score is below it; the
-        share of the base's problems fixed and of new problems made;
+    problems by the judge, `eval.judge`: a reward ("" = the target reward, or a key of
+        eval.rewards; an image is a problem when it scores below `eval.judge_threshold`) or an
+        analytic judge (fnf_jax/judges.py; each of its other measures is reported like a
+        reward); the share of the base's problems fixed and of new problems made;
     the same per category, where the prompt source has categories (PartiPrompts, I2P).
+
+With `prompts.eval_fraction` = 0 there are no held-out prompts: the job then samples every
+prompt at its own seeds (the toy demo's case, 12 captions), and says so in the log.
 
 Written by process 0 to WORKDIR/report/: metrics.json, index.html (the table, the per-category
 table and plot, a grid base | base with M outlined | each method, each run's training curves),
@@ -35,6 +39,7 @@ from absl import logging
 
 from fnf_jax import distributed
 from fnf_jax import evaluation
+from fnf_jax import judges
 from fnf_jax import runlock
 from fnf_jax import train as train_lib
 from fnf_jax import train_step
@@ -99,7 +104,11 @@ def lora_for_step(source: str, unet_params, lora_cfg) -> dict:
 
 def eval_examples(config, run) -> tuple[list, dict]:
   """The held-out examples and {prompt: categories}."""
-  prompts, _ = prompts_lib.load(config.prompts, "eval",
+  split = "eval" if config.prompts.eval_fraction > 0 else "all"
+  if split == "all":
+    logging.warning("prompts.eval_fraction is 0: evaluating on every prompt, training's too, at "
+                    "other seeds (eval.seed_offset %d)", config.eval.seed_offset)
+  prompts, _ = prompts_lib.load(config.prompts, split,
                                 limits=examples_lib.prompt_limits(run.pipe, run.reward))
   if config.eval.max_prompts:
     prompts = prompts[:config.eval.max_prompts]
@@ -108,7 +117,8 @@ def eval_examples(config, run) -> tuple[list, dict]:
   return examples, prompts_lib.categories(config.prompts)
 
 
-def _rewards(config, run) -> dict[str, registry.Reward]:
+def build_rewards(config, run) -> dict[str, registry.Reward]:
+  """{"target": the run's reward, and each of eval.rewards by its key}."""
   out = {"target": run.reward}
   for key in sorted(config.eval.rewards.keys()):
     out[key] = registry.build(config.eval.rewards[key])
@@ -150,9 +160,31 @@ def sample(config, run, loras: dict, examples: list, rewards: dict) -> dict:
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def method_metrics(out: dict, name: str, rewards: list[str], judge: str, threshold: float,
-                   rows=None) -> dict:
-  """The numbers of one method (module docstring) over `rows` (default: all examples)."""
+def judge(config, out: dict, methods: list[str], examples: list) -> dict:
+  """Adds to `out` each method's problem/{method} [N] bool and, for an analytic judge, its
+  other measures as judge/{measure}/{method}; returns what the report says of the judge."""
+  key = config.eval.judge or "target"
+  names = [BASE] + methods
+  if f"score/{key}/{BASE}" in out:  # a reward, by threshold
+    threshold = float(config.eval.judge_threshold)
+    for n in names:
+      out[f"problem/{n}"] = out[f"score/{key}/{n}"] < threshold
+    return {"name": key, "kind": "reward", "threshold": threshold,
+            "description": f"the reward {key!r} scores the image below {threshold:g}"}
+  analytic = judges.build(key)
+  prompts = [e.prompt for e in examples]
+  for n in names:
+    verdict = analytic.evaluate(out["reference"] if n == BASE else out[f"images/{n}"], prompts)
+    out[f"problem/{n}"] = np.asarray(verdict[analytic.problem], bool)
+    for measure, values in verdict.items():
+      if measure != analytic.problem:
+        out[f"judge/{measure}/{n}"] = np.asarray(values, np.float32)
+  return {"name": key, "kind": "analytic", "description": analytic.description}
+
+
+def method_metrics(out: dict, name: str, rewards: list[str], rows=None) -> dict:
+  """The numbers of one method (module docstring) over `rows` (default: all examples); `out`
+  holds the samples and scores of `sample` and the verdicts of `judge`."""
   rows = slice(None) if rows is None else rows
   ref, mask = out["reference"][rows], out["mask"][rows]
   images = ref if name == BASE else out[f"images/{name}"][rows]
@@ -160,29 +192,39 @@ def method_metrics(out: dict, name: str, rewards: list[str], judge: str, thresho
   for k in rewards:
     m[f"reward/{k}"] = evaluation.paired(out[f"score/{k}/{name}"][rows],
                                          out[f"score/{k}/{BASE}"][rows])
+  for key in sorted(k for k in out if k.startswith("judge/") and k.endswith(f"/{BASE}")):
+    measure = key.split("/")[1]
+    m[f"judge/{measure}"] = evaluation.paired(out[f"judge/{measure}/{name}"][rows],
+                                              out[key][rows])
   m.update(evaluation.change(images, ref, mask))
-  m.update(evaluation.problems(out[f"score/{judge}/{name}"][rows] < threshold,
-                               out[f"score/{judge}/{BASE}"][rows] < threshold))
+  m.update(evaluation.problems(out[f"problem/{name}"][rows], out[f"problem/{BASE}"][rows]))
   return m
 
 
 def metrics(config, out: dict, methods: list[str], examples: list, categories: dict) -> dict:
+  """Every method's numbers, overall and per category (`out` as method_metrics takes it)."""
   rewards = ["target"] + sorted(config.eval.rewards.keys())
-  judge = config.eval.judge or "target"
-  threshold = float(config.eval.judge_threshold)
-  result = {"methods": {n: method_metrics(out, n, rewards, judge, threshold)
-                        for n in [BASE] + methods},
+  verdicts = judge(config, out, methods, examples)
+  result = {"methods": {n: method_metrics(out, n, rewards) for n in [BASE] + methods},
             "examples": len(examples), "prompts": sorted({e.prompt for e in examples}),
-            "judge": {"reward": judge, "threshold": threshold}, "categories": {}}
+            "judge": verdicts, "categories": {}}
   by_category: dict[str, list[int]] = {}
   for i, e in enumerate(examples):
     for c in categories.get(e.prompt, ()):
       by_category.setdefault(c, []).append(i)
   for c, rows in sorted(by_category.items()):
     rows = np.asarray(rows)
-    result["categories"][c] = {n: method_metrics(out, n, rewards, judge, threshold, rows)
+    result["categories"][c] = {n: method_metrics(out, n, rewards, rows)
                                for n in [BASE] + methods}
   return result
+
+
+def measure(config, run, loras: dict, examples: list, categories: dict) -> tuple[dict, dict]:
+  """(metrics, samples): `examples` sampled with the base model and each of `loras` ({name:
+  LoRA tree as the step takes it}, in the report's column order), scored, judged, measured.
+  What the eval job and the toy demo both evaluate with."""
+  out = sample(config, run, loras, examples, build_rewards(config, run))
+  return metrics(config, out, list(loras), examples, categories), out
 
 
 def run(config, workdir: str) -> dict:
@@ -200,14 +242,19 @@ def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
     examples, categories = eval_examples(config, setup)
     loras = {m.name: lora_for_step(m.workdir, setup.frozen["unet"], config.lora)
              for m in methods}
-    rewards = _rewards(config, setup)
-    logging.info("eval: %d held-out examples, methods %s, rewards %s", len(examples),
-                 [BASE] + list(loras), list(rewards))
-    out = sample(config, setup, loras, examples, rewards)
-    result = metrics(config, out, list(loras), examples, categories)
+    logging.info("eval: %d examples, methods %s, rewards %s, judge %r", len(examples),
+                 [BASE] + list(loras), ["target"] + sorted(config.eval.rewards.keys()),
+                 config.eval.judge or "target")
+    result, out = measure(config, setup, loras, examples, categories)
+    result["setup"] = {"runs": {m.name: m.workdir for m in methods},
+                       "seeds_per_prompt": config.eval.seeds_per_prompt,
+                       "seed_offset": config.eval.seed_offset,
+                       "ddim_steps": config.sampling.num_steps,
+                       "guidance_scale": config.sampling.guidance_scale}
     if distributed.is_writer():
       from fnf_jax import eval_report  # pylint: disable=import-outside-toplevel
       eval_report.write(os.path.join(workdir, "report"), result, out, examples,
                         {m.name: os.path.join(m.workdir, "metrics.jsonl") for m in methods},
                         rows=config.eval.grid_rows, seed=config.seed)
+      print(eval_report.table_text(result["methods"], eval_report.columns(result)), flush=True)
     return result, out, examples

@@ -34,7 +34,11 @@ COLUMNS = (("reward/target", "target reward", "{:+.3f}"),
 
 
 def _cell(m: dict, key: str, fmt: str) -> str:
+  """One table cell; key "K:F" is field F of the paired numbers K (key "reward/target:mean")."""
+  key, _, field = key.partition(":")
   v = m.get(key)
+  if field and isinstance(v, dict):
+    v = v[field]
   if isinstance(v, dict):  # a reward: mean, and the paired change ± its standard error
     se = v.get("change_se")
     change = "" if v["change"] == 0 and se in (0, None) else (
@@ -44,17 +48,36 @@ def _cell(m: dict, key: str, fmt: str) -> str:
 
 
 def columns(result: dict) -> tuple:
-  extra = sorted({k for m in result["methods"].values() for k in m
-                  if k.startswith("reward/") and k != "reward/target"})
-  return COLUMNS[:1] + tuple((k, k.split("/", 1)[1], "{:+.3f}") for k in extra) + COLUMNS[1:]
+  """COLUMNS with each other reward after the target's and an analytic judge's measures last."""
+  keys = sorted({k for m in result["methods"].values() for k in m})
+  extra = [k for k in keys if k.startswith("reward/") and k != "reward/target"]
+  measured = [k for k in keys if k.startswith("judge/")]
+  return (COLUMNS[:1] + tuple((k, k.split("/", 1)[1], "{:+.3f}") for k in extra) + COLUMNS[1:]
+          + tuple((k, f"{k.split('/', 1)[1].replace('_', ' ')} (judge)", "{:.3f}")
+                  for k in measured))
 
 
-def table(methods: dict, cols) -> str:
-  head = "<tr><th>method</th>" + "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)
-  body = "".join("<tr><td>" + html.escape(n) + "</td>" + "".join(
-      f"<td>{html.escape(_cell(m, k, f))}</td>" for k, _, f in cols) + "</tr>"
-      for n, m in methods.items())
-  return f"<table>{head}</tr>{body}</table>"
+def table_rows(methods: dict, cols, labels: dict | None = None) -> list[list[str]]:
+  """[header, one row per method] of cells; `labels` = display names by method."""
+  return [["method"] + [title for _, title, _ in cols]] + [
+      [(labels or {}).get(n, n)] + [_cell(m, k, f) for k, _, f in cols]
+      for n, m in methods.items()]
+
+
+def table(methods: dict, cols, labels: dict | None = None) -> str:
+  rows = table_rows(methods, cols, labels)
+  cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in r)
+  return ("<table><tr>" + cells(rows[0], "th") + "</tr>" +
+          "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows[1:]) + "</table>")
+
+
+def table_text(methods: dict, cols, labels: dict | None = None) -> str:
+  """The table in Markdown (readable as plain text too): what the jobs print."""
+  rows = table_rows(methods, cols, labels)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+  return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                    *map(line, rows[1:])])
 
 
 def grid(images: np.ndarray, outlines: np.ndarray | None = None, cols: int = 8, scale: int = 1,
@@ -141,19 +164,20 @@ def svg_curve(series: dict[str, list[tuple[float, float]]], title: str, *, width
   xs, ys = [p[0] for p in points], [p[1] for p in points]
   x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
   y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-  pad = 40
-  sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - pad - 10)
-  sy = lambda y: height - pad + (y - y0) / (y1 - y0) * (pad + 20 - height)
+  left, bottom = 56, 40  # room for a y label such as "0.000957", and for the x labels
+  sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - 10)
+  sy = lambda y: height - bottom + (y - y0) / (y1 - y0) * (bottom + 20 - height)
   parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="11">',
            f'<text x="{width / 2}" y="14" text-anchor="middle">{html.escape(title)}</text>',
-           f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" '
+           f'<line x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}" '
            'stroke="#888"/>',
-           f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
-           f'<text x="{pad}" y="{height - pad + 14}">{x0:g}</text>',
-           f'<text x="{width - 10}" y="{height - pad + 14}" text-anchor="end">step {x1:g}</text>',
-           f'<text x="{pad - 3}" y="{height - pad}" text-anchor="end">{y0:.3g}</text>',
-           f'<text x="{pad - 3}" y="26" text-anchor="end">{y1:.3g}</text>']
+           f'<line x1="{left}" y1="20" x2="{left}" y2="{height - bottom}" stroke="#888"/>',
+           f'<text x="{left}" y="{height - bottom + 14}">{x0:g}</text>',
+           f'<text x="{width - 10}" y="{height - bottom + 14}" text-anchor="end">step {x1:g}'
+           '</text>',
+           f'<text x="{left - 3}" y="{height - bottom}" text-anchor="end">{y0:.3g}</text>',
+           f'<text x="{left - 3}" y="26" text-anchor="end">{y1:.3g}</text>']
   for k, (name, s) in enumerate(series.items()):
     color = (colors or {}).get(name, PALETTE[k % len(PALETTE)] if colors is None else "#333")
     pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
@@ -205,8 +229,12 @@ def write_ab(folder: str, out: dict, examples: list, methods: list[str], seed: i
 
 
 def write(folder: str, result: dict, out: dict, examples: list, logs: dict[str, str], *,
-          rows: int, seed: int) -> str:
+          rows: int, seed: int, labels: dict | None = None, title: str | None = None) -> str:
+  """The folder (module docstring) from `result` (eval_job.metrics, plus an optional "setup"
+  dict shown as is) and the samples `out`; `labels` = display names by method (the files and
+  keys keep the names), `title` the page's heading."""
   os.makedirs(folder, exist_ok=True)
+  label = lambda m: (labels or {}).get(m, m)
   with open(os.path.join(folder, "metrics.json"), "w") as f:
     json.dump(result, f, indent=1)
   methods = [m for m in result["methods"] if m != BASE]
@@ -224,37 +252,42 @@ def write(folder: str, result: dict, out: dict, examples: list, logs: dict[str, 
   cols = columns(result)
   history = {m: _read_jsonl(p) for m, p in logs.items()}
   curves = "".join(svg_curve({m: [(r["step"], r[k]) for r in h if k in r]
-                              for m, h in history.items()}, title)
-                   for k, title in (("reward", "reward on training batches"),
-                                    ("change_outside", "mean |Î − Î0| outside M")))
-  per_category = "".join(f"<h3>{html.escape(c)}</h3>" + table(ms, cols)
+                              for m, h in history.items()}, curve_title, labels=labels)
+                   for k, curve_title in (("reward", "reward on training batches"),
+                                          ("change_outside", "mean |Î − Î0| outside M")))
+  per_category = "".join(f"<h3>{html.escape(c)}</h3>" + table(ms, cols, labels)
                          for c, ms in result["categories"].items())
-  labels = "".join(f"<li>{html.escape(examples[i].prompt)} (seed {examples[i].seed})</li>"
-                   for i in chosen)
+  shown = "".join(f"<li>{html.escape(examples[i].prompt)} (seed {examples[i].seed})</li>"
+                  for i in chosen)
+  setup = (f"<h2>Setup</h2><pre>{html.escape(json.dumps(result['setup'], indent=1))}</pre>"
+           if result.get("setup") else "")
+  heading = html.escape(title or f"Evaluation on {result['examples']} held-out examples")
   page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>fnf_jax evaluation</title>
+<html><head><meta charset="utf-8"><title>{heading}</title>
 <style>body{{font-family:sans-serif;max-width:72em;margin:2em auto}}
 table{{border-collapse:collapse;margin-bottom:1em}}td,th{{border:1px solid #ccc;padding:4px 8px;
 text-align:right}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>
-<h1>Evaluation on {result['examples']} held-out examples</h1>
-<p>Each method's image Î against the base model's Î0 from the same prompt and x_T. Rewards:
-mean (paired change against the base ± its standard error). PSNR, SSIM and MSE compare Î with
-Î0 outside the base's mask M; the change inside M is the mean absolute difference there. A
-problem: the judge ({html.escape(result['judge']['reward'])}) scores the image below
-{result['judge']['threshold']:g}.</p>
-{table(result['methods'], cols)}
+<h1>{heading}</h1>
+<p>{result['examples']} examples. Each method's image Î against the base model's Î0 from the
+same prompt and x_T. Rewards and the judge's measures: mean (paired change against the base ±
+its standard error). PSNR, SSIM and MSE compare Î with Î0 outside the base's mask M; the change
+inside M is the mean absolute difference there. A problem: {html.escape(
+    result['judge']['description'])} (judge {html.escape(result['judge']['name'])}).</p>
+{table(result['methods'], cols, labels)}
 <h2>By category</h2>
 {'<img src="categories.png" alt="target reward by category">' if has_plot else '<p>The prompt source has no categories.</p>'}
 {per_category}
 <h2>Samples</h2>
-<p>Columns: base | base with M outlined | {' | '.join(html.escape(m) for m in methods)}. Rows:</p>
-<ol>{labels}</ol>
+<p>Columns: base | base with M outlined | {' | '.join(html.escape(label(m)) for m in methods)}.
+Rows:</p>
+<ol>{shown}</ol>
 <img src="grid.png" alt="samples">
 <h2>Training curves</h2>
 {curves}
 <h2>Human study</h2>
 <p><a href="ab/ratings.csv">ab/</a>: {pairs} blinded pairs (base vs a method, sides random);
 ab/key.json says which is which.</p>
+{setup}
 </body></html>
 """
   with open(os.path.join(folder, "index.html"), "w", encoding="utf-8") as f:

@@ -3,8 +3,8 @@ images Î0, inside and outside the base's mask M, and paired comparisons of per-
 
 Images are [N, H, W, 3] in [0, 1], masks [N, H, W] in [0, 1] (soft masks weigh pixels). Changes
 are pooled over every pixel of every image (not averaged per image), so an image that did not
-change at all does not make a PSNR infinite. Used by the `eval` job (fnf_jax/eval_job.py) and
-the toy demo (fnf_jax/toy/evaluate.py).
+change at all does not make a PSNR infinite. Used by the `eval` job (fnf_jax/eval_job.py), which
+the toy demo evaluates with too.
 """
 
 import numpy as np

@@ -14,6 +14,7 @@ import re
 
 from fnf_jax import choices
 from fnf_jax import jobs
+from fnf_jax import judges
 from fnf_jax.rewards import registry
 
 
@@ -288,8 +289,7 @@ def training(config) -> None:
   integer(config, "cache.shard_size", 1)
   one_of(config, "cache.dtype", choices.CACHE_DTYPES)
   checkpoint_and_log(config)
-  if "runs" in value(config, "eval").keys():  # the toy demo's configs have an eval of their own
-    eval_block(config)
+  eval_block(config)
 
 
 def optim(config) -> None:
@@ -398,5 +398,10 @@ def eval_block(config) -> None:
   number(config, "eval.judge_threshold", -math.inf)
   for key in value(config, "eval.rewards").keys():
     reward(config, f"eval.rewards.{key}")
-  one_of(config, "eval.judge", ("",) + tuple(sorted(value(config, "eval.rewards").keys())))
+  rewards = tuple(sorted(value(config, "eval.rewards").keys()))
+  clash = sorted(set(rewards) & set(judges.names()))
+  if clash:
+    raise ConfigError(f"config.eval.rewards keys {clash} are also judges' names "
+                      f"({judges.names()}); rename them so that eval.judge says which it means")
+  one_of(config, "eval.judge", ("",) + rewards + tuple(judges.names()))
 

@@ -10,14 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fnf_jax import eval_job
+from fnf_jax import eval_report
+from fnf_jax import evaluation
 from fnf_jax import main as main_lib
 from fnf_jax import pipeline
+from fnf_jax.data import examples as examples_lib
 from fnf_jax.rewards import registry
-from fnf_jax import evaluation
-from fnf_jax.toy import evaluate
+from fnf_jax.toy import demo
 from fnf_jax.toy import judge
 from fnf_jax.toy import methods
-from fnf_jax.toy import report
 from fnf_jax.toy import reward as toy_defect
 from fnf_jax.toy import world as toy_world
 
@@ -52,45 +54,74 @@ def test_ssim_matches_the_definition_on_flat_images():
   np.testing.assert_allclose(evaluation.ssim_map(a, b), want, rtol=1e-6)
 
 
-def test_method_metrics_counts_fixed_and_new_defects():
-  data = toy_world.batch(range(40), defect_rate=0.5)
-  clean = toy_world.batch(range(40), defect_rate=0.0)
+def _toy_out(n, **images):
+  """The eval job's samples for n toy examples: the world's images (half with a blotch) as the
+  base model's, each of `images` as a method's; rewards all zero."""
+  data = toy_world.batch(range(n), defect_rate=0.5)
+  out = {"reference": data["image"], "mask": np.zeros((n, 32, 32), np.float32),
+         **{f"images/{m}": im for m, im in images.items()}}
+  for m in ("base", *images):
+    out[f"score/target/{m}"] = np.zeros(n, np.float32)
+  examples = [examples_lib.Example(i, c, i) for i, c in enumerate(data["caption"])]
+  return data, out, examples
+
+
+def test_the_analytic_judge_is_one_more_metric_of_the_eval_job():
+  clean = toy_world.batch(range(40), defect_rate=0.0)["image"]
+  blank = np.full_like(clean, 0.9)  # no shape at all: fidelity 0 for every image
+  data, out, examples = _toy_out(40, clean=clean, blank=blank)
+  config = toy_config.get_config()
+  result = eval_job.metrics(config, out, ["clean", "blank"], examples, {})
   has = np.asarray(data["has_defect"])
-  base = judge.evaluate(data["image"], data["caption"])
-  np.testing.assert_array_equal(base["has_defect"], has)
-  out = evaluate.method_metrics(clean["image"], data["image"], np.zeros((40, 32, 32)),
-                                data["caption"], np.zeros(40), base=base)
-  assert out["defect_rate"] == 0.0 and out["fixed_rate"] == 1.0
-  assert out["new_defect_rate"] == 0.0 and out["prompt_fidelity"] == 1.0
-  assert out["fidelity_change"] == 0.0 and out["fidelity_change_se"] == 0.0
-  blank = np.full_like(clean["image"], 0.9)  # no shape at all: fidelity 0 for every image
-  worse = evaluate.method_metrics(blank, data["image"], np.zeros((40, 32, 32)), data["caption"],
-                                  np.zeros(40), base=base)
-  assert worse["fidelity_change"] == -1.0 and worse["fixed_rate"] == 1.0
+  np.testing.assert_array_equal(out["problem/base"], has)
+  assert result["judge"]["name"] == "toy" and result["judge"]["kind"] == "analytic"
+  base, good, bad = (result["methods"][m] for m in ("base", "clean", "blank"))
+  assert base["problem_rate"] == pytest.approx(has.mean())
+  assert good["problem_rate"] == 0.0 and good["fixed_rate"] == 1.0
+  assert good["new_problem_rate"] == 0.0
+  assert good["judge/prompt_fidelity"] == {"mean": 1.0, "change": 0.0, "change_se": 0.0}
+  assert bad["judge/prompt_fidelity"]["change"] == -1.0 and bad["fixed_rate"] == 1.0
+  assert bad["judge/color_right"]["mean"] == 0.0 and "judge/has_defect" not in bad
+
+
+def test_a_reward_judges_by_its_threshold():
+  _, out, examples = _toy_out(4, fnf=np.zeros((4, 32, 32, 3), np.float32))
+  out["score/target/base"] = np.asarray([-1.0, -1.0, 1.0, 1.0], np.float32)
+  out["score/target/fnf"] = np.asarray([1.0, -1.0, -1.0, 1.0], np.float32)
+  config = toy_config.get_config()
+  config.eval.judge, config.eval.judge_threshold = "", 0.0
+  fnf = eval_job.metrics(config, out, ["fnf"], examples, {})["methods"]["fnf"]
+  assert (fnf["problem_rate"], fnf["fixed_rate"], fnf["new_problem_rate"]) == (0.5, 0.5, 0.5)
+  assert not any(k.startswith("judge/") for k in fnf)
 
 
 def test_report_table_html_and_grid(tmp_path):
   rng = np.random.default_rng(0)
   n = 5
-  out = {"reference": rng.uniform(size=(n, 32, 32, 3)), "mask": np.zeros((n, 32, 32)),
-         "images_draft": rng.uniform(size=(n, 32, 32, 3)),
-         "images_fnf": rng.uniform(size=(n, 32, 32, 3))}
+  _, out, examples = _toy_out(n, draft=rng.uniform(size=(n, 32, 32, 3)),
+                              fnf=rng.uniform(size=(n, 32, 32, 3)))
   out["mask"][2, 5:9, 5:9] = 1.0
-  row = {"defect_rate": 0.25, "reward": -0.3, "psnr_outside": 30.0, "ssim_outside": 0.9,
-         "change_inside": 0.1, "prompt_fidelity": 0.8}
-  metrics = {"base": dict(row, psnr_outside=None), "draft": row, "fnf": row}
+  result = eval_job.metrics(toy_config.get_config(), out, ["draft", "fnf"], examples, {})
+  result["setup"] = {"train_steps": 60}
   logs = tmp_path / "fnf.jsonl"
   logs.write_text("".join(json.dumps({"step": s, "reward": -s, "change_outside": s / 10}) + "\n"
                           for s in (5, 10)))
-  folder = report.write(str(tmp_path / "report"), metrics, out, ["a red circle"] * n,
-                        {"fnf": str(logs), "draft": str(tmp_path / "missing.jsonl")}, rows=3)
-  page = open(os.path.join(folder, "index.html")).read()
+  folder = eval_report.write(str(tmp_path / "report"), result, out, examples,
+                             {"fnf": str(logs), "draft": str(tmp_path / "missing.jsonl")},
+                             rows=3, seed=0, labels=demo.NAMES, title="toy")
+  page = open(os.path.join(folder, "index.html"), encoding="utf-8").read()
   assert "Focus-N-Fix" in page and "<polyline" in page and "grid.png" in page
-  assert json.load(open(os.path.join(folder, "metrics.json")))["draft"]["psnr_outside"] == 30.0
-  text = report.table_text(metrics)
-  assert text.splitlines()[2].startswith("| base ") and "—" in text.splitlines()[2]
-  tiles, outlines, chosen = report.grid_images(out, 3)
-  assert chosen[0] == 2 and tiles.shape == (12, 32, 32, 3) and outlines[1].any()
+  assert "prompt fidelity (judge)" in page and "train_steps" in page and "blotch" in page
+  saved = json.load(open(os.path.join(folder, "metrics.json")))
+  assert saved["methods"]["draft"]["psnr_outside"] == result["methods"]["draft"]["psnr_outside"]
+  lines = demo.table_text(result).splitlines()
+  assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["method"] + [
+      t for _, t, _ in demo.COLUMNS]
+  assert lines[2].startswith("| base ") and "—" in lines[2]  # no PSNR of the base vs itself
+  assert lines[4].startswith("| Focus-N-Fix ")
+  fidelity = result["methods"]["fnf"]["judge/prompt_fidelity"]["mean"]
+  assert lines[4].rstrip(" |").endswith(f"{fidelity:.3f}")
+  assert eval_report.grid_rows(out["mask"], 3)[0] == 2  # the example with a mask first
 
 
 def test_toy_defect_reward_interface_and_errors(tmp_path):

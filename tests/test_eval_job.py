@@ -59,8 +59,7 @@ def test_eval_writes_the_report_and_its_numbers_are_right(runs):
   # Two images, by hand: the change outside / inside M and the paired reward change.
   rows = np.arange(2)
   ref, mask, im = out["reference"][rows], out["mask"][rows], out["images/fnf"][rows]
-  got = eval_job.method_metrics(out, "fnf", ["target", "blue"], "target",
-                                config.eval.judge_threshold, rows)
+  got = eval_job.method_metrics(out, "fnf", ["target", "blue"], rows)
   out_w = (1 - mask)[..., None].astype(np.float64)
   mse = float((out_w * (im - ref).astype(np.float64) ** 2).sum() / (3 * out_w.sum()))
   assert got["mse_outside"] == pytest.approx(mse, rel=1e-6)

@@ -6,7 +6,7 @@ from fnf_jax.toy import methods
 
 
 def demo(config) -> None:
-  """Both methods' training configs, then the evaluation's fields."""
+  """Both methods' training configs (the first with its block `eval`, as the eval job's)."""
   v.training(config)
   try:
     draft = methods.method_config(config, "draft")
@@ -15,9 +15,6 @@ def demo(config) -> None:
     raise v.ConfigError(e.args[0]) from None
   except v.ConfigError as e:
     raise v.ConfigError(f"the DRaFT run (config.draft applied): {e}") from None
-  v.integer(config, "eval.seeds_per_prompt", 1)
-  v.integer(config, "eval.seed_offset", 0)
-  v.integer(config, "eval.grid_rows", 1)
 
 
 def _stage(config, stage: str) -> None:

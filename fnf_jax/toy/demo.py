@@ -1,13 +1,17 @@
-"""The `demo` job (configs/toy.py): references, Focus-N-Fix and DRaFT from the same start, the
-judge's evaluation on held-out seeds, and WORKDIR/report.
+"""The `demo` job (configs/toy.py): references, Focus-N-Fix and DRaFT from the same start, then
+the eval job's evaluation (fnf_jax/eval_job.py) on held-out seeds, judged by the toy world's
+analytic judge, and WORKDIR/report.
 
 Layout of WORKDIR:
     fnf/     the Focus-N-Fix run (its reference cache, checkpoints, metrics.jsonl, lora)
     draft/   the DRaFT run (the same reference cache, linked)
-    report/  index.html, grid.png, metrics.json
+    report/  the eval job's report (fnf_jax/eval_report.py): index.html, grid.png,
+             metrics.json, ab/
 A finished run is resumed, not repeated: train() picks up from its checkpoints. The model and
 reward are loaded once, each method's step is built once (`train.setup`), and the evaluation
-reuses the Focus-N-Fix run's compiled reference and sampler.
+reuses the Focus-N-Fix run's compiled reference and sampler. The same numbers come from
+`--config.job=eval --config.eval.runs='("draft=WORKDIR/draft", "fnf=WORKDIR/fnf")'` on this
+config, which reads the LoRAs back from the runs' checkpoints.
 """
 
 import os
@@ -16,13 +20,21 @@ import time
 from absl import logging
 
 from fnf_jax import eval_job
+from fnf_jax import eval_report
 from fnf_jax import train as train_lib
-from fnf_jax.data import examples as examples_lib
 from fnf_jax.reference import directory as reference_directory
-from fnf_jax.toy import evaluate
-from fnf_jax.toy import judge
-from fnf_jax.toy import report as report_lib
 from fnf_jax.toy.methods import method_config
+
+NAMES = {"base": "base", "draft": "DRaFT", "fnf": "Focus-N-Fix"}
+# The printed table (and the README's): (key in a method's metrics, title, format).
+COLUMNS = (
+    ("problem_rate", "defect rate (judge)", "{:.3f}"),
+    ("reward/target:mean", "reward", "{:+.3f}"),
+    ("psnr_outside", "PSNR outside M (dB)", "{:.1f}"),
+    ("ssim_outside", "SSIM outside M", "{:.4f}"),
+    ("change_inside", "change inside M", "{:.4f}"),
+    ("judge/prompt_fidelity:mean", "prompt fidelity (judge)", "{:.3f}"),
+)
 
 
 def _share_cache(source_workdir: str, workdir: str) -> None:
@@ -33,19 +45,8 @@ def _share_cache(source_workdir: str, workdir: str) -> None:
     os.symlink(os.path.abspath(reference_directory(source_workdir)), link)
 
 
-def eval_examples(config) -> list:
-  prompts = list(config.prompts.texts)
-  return examples_lib.make_examples(prompts, config.eval.seeds_per_prompt,
-                                    config.seed + config.eval.seed_offset)
-
-
-def sample_all(run, loras: dict, examples: list, config) -> dict:
-  """Î0 and M of the base model and each LoRA's images and rewards, for every example; numpy.
-  The eval job's sampling (fnf_jax/eval_job.py), in the demo's names."""
-  out = eval_job.sample(config, run, loras, examples, {"target": run.reward})
-  return {"reference": out["reference"], "mask": out["mask"],
-          **{f"images_{m}": out[f"images/{m}"] for m in loras},
-          **{f"reward_{m}": out[f"score/target/{m}"] for m in ("base", *loras)}}
+def table_text(result: dict) -> str:
+  return eval_report.table_text(result["methods"], COLUMNS, NAMES)
 
 
 def run(config, workdir: str) -> dict:
@@ -59,24 +60,17 @@ def run(config, workdir: str) -> dict:
     train_lib.cache(configs["fnf"], runs["fnf"], run=fnf_run)
     _share_cache(runs["fnf"], runs["draft"])
   loras, seconds = {}, {}
-  for method in ("draft", "fnf"):
+  for method in ("draft", "fnf"):  # also the report's column order
     tic = time.time()
     _, loras[method] = train_lib.fit(configs[method], runs[method], run=setups[method])
     seconds[method] = time.time() - tic
     logging.info("%s: trained in %.0f s", method, seconds[method])
 
-  examples = eval_examples(config)
-  out = sample_all(fnf_run, loras, examples, config)
-  captions = [e.prompt for e in examples]
-  metrics = {"base": evaluate.method_metrics(out["reference"], out["reference"], out["mask"],
-                                             captions, out["reward_base"])}
-  base_verdict = judge.evaluate(out["reference"], captions)
-  for method in ("draft", "fnf"):
-    metrics[method] = evaluate.method_metrics(
-        out[f"images_{method}"], out["reference"], out["mask"], captions,
-        out[f"reward_{method}"], base=base_verdict)
-    metrics[method]["train_seconds"] = round(seconds[method], 1)
-  metrics["setup"] = {
+  examples, categories = eval_job.eval_examples(config, fnf_run)
+  result, out = eval_job.measure(config, fnf_run, loras, examples, categories)
+  for method in loras:
+    result["methods"][method]["train_seconds"] = round(seconds[method], 1)
+  result["setup"] = {
       # The pool; training uses those with data.min_mask_area (the count is in the log).
       "example_pool": len(fnf_run.examples), "min_mask_area": config.data.min_mask_area,
       "eval_examples": len(examples),
@@ -86,10 +80,10 @@ def run(config, workdir: str) -> dict:
       "lora_rank": config.lora.rank, "lr": config.optim.lr,
       "total_seconds": round(time.time() - t0, 1),
   }
-  folder = report_lib.write(os.path.join(workdir, "report"), metrics, out, captions,
-                            {m: os.path.join(runs[m], "metrics.jsonl") for m in runs},
-                            rows=config.eval.grid_rows)
-  table = report_lib.table_text(metrics)
-  print(table, flush=True)
+  folder = eval_report.write(
+      os.path.join(workdir, "report"), result, out, examples,
+      {m: os.path.join(runs[m], "metrics.jsonl") for m in runs}, rows=config.eval.grid_rows,
+      seed=config.seed, labels=NAMES, title="Focus-N-Fix vs global DRaFT on the toy world")
+  print(table_text(result), flush=True)
   logging.info("report: %s", os.path.join(folder, "index.html"))
-  return metrics
+  return result

@@ -150,3 +150,18 @@ def evaluate(images, captions: Sequence[str]) -> dict:
 def prompt_fidelity(images, captions: Sequence[str]) -> np.ndarray:
   """[B] float32: 0.5 for the right colour plus 0.5 for the right shape."""
   return evaluate(images, captions)["fidelity"]
+
+
+def build():
+  """The judge as the eval job takes it (fnf_jax/judges.py, `eval.judge = "toy"`): a problem is
+  a blotch; prompt fidelity and its two halves are reported beside the rewards."""
+  from fnf_jax import judges  # pylint: disable=import-outside-toplevel
+
+  def verdict(images, prompts) -> dict:
+    v = evaluate(images, prompts)
+    return {"has_defect": v["has_defect"], "prompt_fidelity": v["fidelity"],
+            "color_right": v["color_right"], "shape_right": v["shape_right"]}
+
+  return judges.Judge(verdict, problem="has_defect", description=(
+      "the toy world's analytic judge (fnf_jax/toy/judge.py: it knows the world's rules and was "
+      "never used in training) finds a dark blotch in the image"))
