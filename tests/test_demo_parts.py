@@ -156,6 +156,9 @@ def test_draft_config_is_fnf_with_ones_mask():
     methods.method_config(c, "draft")
 
 
+# ~50-100 s: the one-time job that made the shipped toy model (fnf_jax/assets); the shipped
+# model itself is loaded and used by the fast tests. `make test-slow`.
+@pytest.mark.slow
 def test_pretrain_job_runs_every_stage(tmp_path):
   """`python -m fnf_jax.main --config=configs/toy_pretrain.py:runlocal`: a few steps of each stage
   give a folder that pipeline.load reads, reward weights, and the judge's sample report."""
