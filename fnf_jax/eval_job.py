@@ -117,10 +117,20 @@ def eval_examples(config, run) -> tuple[list, dict]:
   return examples, prompts_lib.categories(config.prompts)
 
 
+def reward_keys(config) -> list[str]:
+  """The rewards' keys in their order: "target" (the run's reward), then eval.rewards'."""
+  return ["target"] + sorted(config.eval.rewards.keys())
+
+
+def judge_key(config) -> str:
+  """What `eval.judge` names: a reward's key ("" = "target") or an analytic judge."""
+  return config.eval.judge or "target"
+
+
 def build_rewards(config, run) -> dict[str, registry.Reward]:
   """{"target": the run's reward, and each of eval.rewards by its key}."""
   out = {"target": run.reward}
-  for key in sorted(config.eval.rewards.keys()):
+  for key in reward_keys(config)[1:]:
     out[key] = registry.build(config.eval.rewards[key])
   return out
 
@@ -163,7 +173,7 @@ def sample(config, run, loras: dict, examples: list, rewards: dict) -> dict:
 def judge(config, out: dict, methods: list[str], examples: list) -> dict:
   """Adds to `out` each method's problem/{method} [N] bool and, for an analytic judge, its
   other measures as judge/{measure}/{method}; returns what the report says of the judge."""
-  key = config.eval.judge or "target"
+  key = judge_key(config)
   names = [BASE] + methods
   if f"score/{key}/{BASE}" in out:  # a reward, by threshold
     threshold = float(config.eval.judge_threshold)
@@ -203,7 +213,7 @@ def method_metrics(out: dict, name: str, rewards: list[str], rows=None) -> dict:
 
 def metrics(config, out: dict, methods: list[str], examples: list, categories: dict) -> dict:
   """Every method's numbers, overall and per category (`out` as method_metrics takes it)."""
-  rewards = ["target"] + sorted(config.eval.rewards.keys())
+  rewards = reward_keys(config)
   verdicts = judge(config, out, methods, examples)
   result = {"methods": {n: method_metrics(out, n, rewards) for n in [BASE] + methods},
             "examples": len(examples), "prompts": sorted({e.prompt for e in examples}),
@@ -243,8 +253,7 @@ def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
     loras = {m.name: lora_for_step(m.workdir, setup.frozen["unet"], config.lora)
              for m in methods}
     logging.info("eval: %d examples, methods %s, rewards %s, judge %r", len(examples),
-                 [BASE] + list(loras), ["target"] + sorted(config.eval.rewards.keys()),
-                 config.eval.judge or "target")
+                 [BASE] + list(loras), reward_keys(config), judge_key(config))
     result, out = measure(config, setup, loras, examples, categories)
     result["setup"] = {"runs": {m.name: m.workdir for m in methods},
                        "seeds_per_prompt": config.eval.seeds_per_prompt,

@@ -399,9 +399,10 @@ def eval_block(config) -> None:
   for key in value(config, "eval.rewards").keys():
     reward(config, f"eval.rewards.{key}")
   rewards = tuple(sorted(value(config, "eval.rewards").keys()))
-  clash = sorted(set(rewards) & set(judges.names()))
+  analytic = tuple(judges.names())
+  clash = sorted(set(rewards) & set(analytic))
   if clash:
     raise ConfigError(f"config.eval.rewards keys {clash} are also judges' names "
-                      f"({judges.names()}); rename them so that eval.judge says which it means")
-  one_of(config, "eval.judge", ("",) + rewards + tuple(judges.names()))
+                      f"({list(analytic)}); rename them so that eval.judge says which it means")
+  one_of(config, "eval.judge", ("",) + rewards + analytic)
 
