@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import focus_n_fix  # noqa: E402  (configs/)
+from fnf_jax import method  # noqa: E402
 from fnf_jax import random_models  # noqa: E402
 from fnf_jax import sampling  # noqa: E402
 from fnf_jax import train_step  # noqa: E402
@@ -141,11 +142,11 @@ def _pieces(model: str, images: int, remat_policy: str, unet_remat: bool,
                                                   "xla", unet_remat)
   s = train_step.Sampler.from_config(config, pipe)
   batch = _batch(pipe, images)
-  cond = jax.eval_shape(lambda f, b: train_step.conditioning(pipe, s, f, b), frozen, batch)
+  cond = jax.eval_shape(lambda f, b: method.conditioning(pipe, s, f, b), frozen, batch)
   x, t = batch["x_T"], jax.ShapeDtypeStruct((), jnp.int32)
 
   def plain(unet, cond, lora, x, t):
-    return train_step.denoiser(pipe, s, unet, cond, lora=lora_lib.collection(lora, 1.0))(x, t)
+    return method.denoiser(pipe, s, unet, cond, lora=lora_lib.collection(lora, 1.0))(x, t)
 
   def with_grad(unet, cond, lora, x, t):
     body = jax.checkpoint(lambda lo, xx: plain(unet, cond, lo, xx, t),

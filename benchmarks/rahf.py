@@ -19,11 +19,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from results import emit  # noqa: E402  (benchmarks/results.py)
 from fnf_jax.models import rahf  # noqa: E402
 from fnf_jax.models import t5  # noqa: E402
 from fnf_jax.models import vit  # noqa: E402
@@ -74,6 +76,9 @@ def main(argv=None):
   p.add_argument("--prompt_tokens", type=int, default=32)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--torch", choices=("yes", "no"), default="yes")
+  p.add_argument("--forward_only", action="store_true",
+                 help="only the features forward (the device check's RAHF piece)")
+  p.add_argument("--json", default=None, help="also append one JSON line per result here")
   args = p.parse_args(argv)
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -110,12 +115,19 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; config {args.config}, "
         f"batch {b}, {h}x{w}, {length} prompt tokens")
   ours = {}
-  for name, fn in (("features forward", lambda: fwd(params, pixels)),
-                   ("features forward+backward", lambda: bwd(params, pixels)),
-                   ("reward score forward+backward", lambda: score_grad(params, pixels)),
-                   ("reward heatmap forward", lambda: heat(params, pixels))):
+  passes = (("features forward", lambda: fwd(params, pixels)),
+            ("features forward+backward", lambda: bwd(params, pixels)),
+            ("reward score forward+backward", lambda: score_grad(params, pixels)),
+            ("reward heatmap forward", lambda: heat(params, pixels)))
+  kind = jax.devices()[0].device_kind
+  for name, fn in passes[:1] if args.forward_only else passes:
+    tic = time.perf_counter()
+    jax.block_until_ready(fn())  # compile and first run
+    first = time.perf_counter() - tic
     ours[name] = timed(lambda fn=fn: jax.block_until_ready(fn()), args.iters)
     print(f"{name:30s} jax   {ours[name]:8.3f} s")
+    emit({"bench": "rahf", "side": "jax", "pass": name, "config": args.config, "batch": b,
+          "device": kind, "first_s": round(first, 2), "s": round(ours[name], 4)}, args.json)
   if args.torch == "no":
     return
   device = "cuda" if torch.cuda.is_available() else "cpu"  # beside ours on the same machine
@@ -127,7 +139,8 @@ def main(argv=None):
   def torch_features(xx):
     image = tproj(tv(pixel_values=xx).last_hidden_state)
     tokens = torch.cat([image, te.get_input_embeddings()(tids)], 1)
-    attend = torch.cat([torch.ones(image.shape[:2], dtype=tmask.dtype), tmask], 1)
+    attend = torch.cat([torch.ones(image.shape[:2], dtype=tmask.dtype, device=tmask.device),
+                        tmask], 1)
     out = te(inputs_embeds=tokens, attention_mask=attend).last_hidden_state
     n = vit_config.grid
     return out[:, 1:1 + n[0] * n[1]]
@@ -150,8 +163,12 @@ def main(argv=None):
         f"features agree to rel err {err:.1e}")
   for name, fn in (("features forward", torch_forward),
                    ("features forward+backward", torch_backward)):
+    if name not in ours:
+      continue
     t = timed(fn, args.iters)
     print(f"{name:30s} torch {t:8.3f} s   JAX/PyTorch {ours[name] / t:.2f}")
+    emit({"bench": "rahf", "side": "torch", "pass": name, "config": args.config, "batch": b,
+          "device": device, "s": round(t, 4), "rel_err": float(err)}, args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Benchmark of the Focus-N-Fix training step: images/s, step time, matmul-rate share, memory.
+"""Benchmark of the Focus-N-Fix training step: build, compile, first step, images/s, memory.
 
   python benchmarks/train_step.py --model tiny|sd15 --batch 4 --steps 50 --grad_steps 2 \
-      --rank 64 --reference cache|online|both --dtype bfloat16 --attention cudnn
+      --rank 64 --dtype bfloat16 --attention auto --iters 3
   python benchmarks/train_step.py --loop 60     # the whole training loop, tiny models
 
 --loop N runs the real loop (`train.fit`, configs/violence.py:runlocal with N steps) twice in
@@ -9,10 +9,13 @@ one process: synchronous (data.prefetch = 0, metrics fetched every step: the loo
 overlapped) and overlapped (prefetch 2, metrics fetched every 10 steps), and prints the
 images/s of each over the steps after compiling.
 
-Random weights of the chosen shapes (no checkpoint needed), the real `train_step.build` step jitted
-as the training loop jits it, random non-zero inputs, median of >= 10 steps after warm-up.
-FLOPs come from XLA's cost analysis (trustworthy on the CPU only: on GPUs it misses cuDNN and
-cuBLAS custom calls); the matmul rate is measured in the same run on the same device.
+Random weights of the chosen shapes (no checkpoint needed), the real `train_step.build` step
+compiled as the training loop compiles it (step_program.compile_step, on one device), the
+cached-reference batch with a random non-zero Î0 and M (so the reference sampler is not
+compiled: the cache job's work), the `color` pixel reward (the PyTorch peer's kind of reward).
+One JSON line per stage as soon as it is measured (benchmarks/results.py; $RESULTS or --json):
+build s, compile s (and the persistent cache's hit or miss), first step s, then the median of
+--iters timed steps: s per step, images/s, peak GiB.
 """
 
 import argparse
@@ -29,9 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from unet import flops_of, matmul_rate, median_time  # noqa: E402  (benchmarks/unet.py)
+import numpy as np  # noqa: E402
 
+from results import emit  # noqa: E402  (benchmarks/results.py)
 from fnf_jax import random_models  # noqa: E402
+from fnf_jax import sharding  # noqa: E402
+from fnf_jax import step_program  # noqa: E402
 from fnf_jax import train_step  # noqa: E402
 from fnf_jax.rewards import registry  # noqa: E402
 
@@ -47,11 +53,11 @@ def parse_args(argv=None):
   p.add_argument("--grad_steps", type=int, default=2, help="K")
   p.add_argument("--rank", type=int, default=64)
   p.add_argument("--guidance", type=float, default=7.5)
-  p.add_argument("--reference", choices=("cache", "online", "both"), default="both")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="xla")
-  p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--matmul_size", type=int, default=None)
+  p.add_argument("--attention", choices=("auto", "xla", "chunked", "cudnn", "splash"),
+                 default="auto")
+  p.add_argument("--iters", type=int, default=3, help="timed steps after the first")
+  p.add_argument("--json", default=None, help="also append the JSON lines here")
   p.add_argument("--loop", type=int, default=0, help="steps of the whole-loop comparison")
   return p.parse_args(argv)
 
@@ -76,13 +82,14 @@ def loop_benchmark(steps: int) -> None:
           f"(batch {c.data.batch_size}; job {time.perf_counter() - tic:.1f} s)")
 
 
-def config_for(args, reference: str):
+def config_for(args):
   import focus_n_fix  # pylint: disable=g-import-not-at-top  (configs/, on sys.path above)
 
   c = focus_n_fix.base_config()
   c.sampling.num_steps, c.sampling.guidance_scale = args.steps, args.guidance
-  c.train.grad_steps, c.train.reference = args.grad_steps, reference
+  c.train.grad_steps, c.train.reference = args.grad_steps, "cache"
   c.lora.rank = c.lora.alpha = args.rank
+  c.data.batch_size = args.batch
   return c
 
 
@@ -91,49 +98,63 @@ def main(argv=None):
   if args.loop:
     return loop_benchmark(args.loop)
   dev = jax.devices()[0]
-  print(f"backend {jax.default_backend()} ({dev.device_kind}), jax {jax.__version__}, "
-        f"model {args.model}, batch {args.batch}, {args.steps} DDIM steps, K={args.grad_steps}, "
-        f"LoRA r={args.rank}, CFG {args.guidance}, dtype {args.dtype}, attention {args.attention}")
+  row = {"bench": "step", "backend": jax.default_backend(), "device": dev.device_kind,
+         "jax": jax.__version__, "model": args.model, "images": args.batch,
+         "steps": args.steps, "K": args.grad_steps, "rank": args.rank, "cfg": args.guidance,
+         "dtype": args.dtype, "attention": args.attention}
   tic = time.perf_counter()
   pipe = random_models.random_pipeline(0, attention_impl=args.attention, dtype=args.dtype,
-                                       **MODELS[args.model])
-  frozen = dict(pipe.params)
-  if args.dtype == "bfloat16":  # frozen weights stored in bf16, as pipeline.load does
-    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
-  print(f"built in {time.perf_counter() - tic:.1f} s")
-  n = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
-  _, peak = matmul_rate(jnp.dtype(args.dtype), n, args.iters)
-  print(f"matmul {n}^3 {args.dtype}: {peak / 1e12:.3f} TFLOP/s (the reference rate)")
-
+                                       unet_remat=True, vae_remat=True, **MODELS[args.model])
+  config = config_for(args)
+  reward = registry.build(config.reward)
+  step = train_step.build(pipe, reward, config)
+  frozen = dict(pipe.params, reward=reward.params)
+  if args.dtype == "bfloat16":  # the UNet and VAE stored in bf16, as pipeline.load does
+    frozen.update({k: jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), frozen[k])
+                   for k in ("unet", "vae")})
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=[dev])
+  repl = sharding.replicated(mesh)
+  frozen = jax.device_put(frozen, repl)
   h, w, c = pipe.latent_shape
-  key = jax.random.split(jax.random.key(1), 4)
+  size = pipe.image_size
+  key = jax.random.split(jax.random.key(1), 5)
   batch = {"ids": jnp.asarray(pipe.tokenize(["a photo of a cat"] * args.batch)),
            "neg_ids": jnp.asarray(pipe.tokenize([""] * args.batch)),
-           "x_T": jax.random.normal(key[0], (args.batch, h, w, c))}
-  modes = ("cache", "online") if args.reference == "both" else (args.reference,)
-  for mode in modes:
-    config = config_for(args, mode)
-    reward = registry.build(config.reward)
-    step = train_step.build(pipe, reward, config)
-    frozen["reward"] = reward.params
-    state = step.init_state(key[1], frozen["unet"])
-    b = dict(batch)
-    if mode == "cache":
-      b["reference"], b["mask"] = jax.jit(step.reference)(frozen, batch)
-    fn = jax.jit(step.train_step)
+           "x_T": jax.random.normal(key[0], (args.batch, h, w, c)),
+           "reference": jax.random.uniform(key[1], (args.batch, size, size, 3)),
+           "mask": (jax.random.uniform(key[2], (args.batch, size, size)) > 0.8).astype(
+               jnp.float32)}
+  batch = jax.device_put(batch, repl)
+  state = jax.device_put(step.init_state(key[3], frozen["unet"]), repl)
+  jax.block_until_ready((frozen, batch, state))
+  emit(dict(row, stage="build", s=round(time.perf_counter() - tic, 2)), args.json)
+
+  spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), batch)
+  run, info = step_program.compile_step(
+      step, mesh, tuple(sharding.DEFAULT_RULES), online_reference=False, state=state,
+      state_shardings=jax.tree.map(lambda _: repl, state), frozen=frozen,
+      frozen_shardings=jax.tree.map(lambda _: repl, frozen), batch_spec=spec, rng=key[4])
+  emit(dict(row, stage="compile", s=round(info["seconds"], 2),
+            lower_s=round(info["lower_seconds"], 2), cache=info["cache"]), args.json)
+
+  tic = time.perf_counter()
+  state, metrics = run(state, frozen, batch, key[4])
+  jax.block_until_ready(metrics)
+  emit(dict(row, stage="first_step", s=round(time.perf_counter() - tic, 2),
+            loss=float(metrics["loss"])), args.json)
+  times = []
+  for i in range(args.iters):
     tic = time.perf_counter()
-    compiled = fn.lower(state, frozen, b, key[2]).compile()
-    compile_s = time.perf_counter() - tic
-    flops = flops_of(compiled)
-    mem = compiled.memory_analysis()
-    t = median_time(lambda s: compiled(s, frozen, b, key[2])[1]["loss"], state, iters=args.iters)
-    share = f"{flops / t / peak:6.1%}" if flops else "   n/a"
-    tflops = f"{flops / t / 1e12:.3f}" if flops else "n/a"
-    temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem else float("nan")
-    peak_mem = dev.memory_stats().get("peak_bytes_in_use", 0) / 2**30 if dev.memory_stats() else float("nan")
-    print(f"reference={mode:6s} step {t * 1e3:9.1f} ms  {args.batch / t:7.2f} images/s  "
-          f"{tflops} TFLOP/s  {share} of matmul rate  compile {compile_s:.1f} s  "
-          f"temp {temp:.2f} GiB  peak {peak_mem:.2f} GiB")
+    state, metrics = run(state, frozen, batch, jax.random.fold_in(key[4], i))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - tic)
+  t = float(np.median(times))
+  stats = dev.memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  emit(dict(row, stage="steps", iters=args.iters, step_s=round(t, 4),
+            images_per_s=round(args.batch / t, 3),
+            peak_gib=None if peak is None else round(peak / 2**30, 2),
+            nonfinite=float(metrics["nonfinite"])), args.json)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from results import emit  # noqa: E402  (benchmarks/results.py)
 from fnf_jax import random_models  # noqa: E402
 from fnf_jax.models import convert  # noqa: E402
 from fnf_jax.models import unet  # noqa: E402
@@ -45,7 +47,12 @@ def parse_args(argv=None):
   p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--attention", choices=("xla", "cudnn", "auto"), default="xla")
+  p.add_argument("--attention", choices=("auto", "xla", "chunked", "cudnn", "splash"),
+                 default="auto")
+  p.add_argument("--passes", default="forward,forward+backward",
+                 help="comma-separated: forward, forward+backward (each measured and reported "
+                 "before the next is compiled)")
+  p.add_argument("--json", default=None, help="also append one JSON line per pass here")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--size", type=int, default=None, help="latent side (default: sample_size)")
   p.add_argument("--context_length", type=int, default=77)
@@ -135,12 +142,16 @@ def main(argv=None):
     return jnp.mean(jnp.square(forward(p, x, t, c).astype(jnp.float32)))
 
   results = {}
-  for name, fn in (("forward", forward), ("forward+backward", jax.value_and_grad(loss))):
+  passes = {"forward": forward, "forward+backward": jax.value_and_grad(loss)}
+  for name in args.passes.split(","):
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(params, *inputs).compile()
+    compiled = jax.jit(passes[name]).lower(params, *inputs).compile()
     compile_s = time.perf_counter() - start
     t = median_time(compiled, params, *inputs, iters=args.iters)
     results[name] = (t, flops_of(compiled), compile_s)
+    emit({"bench": "unet", "pass": name, "config": args.config, "batch": args.batch,
+          "dtype": args.dtype, "attention": args.attention, "device": jax.devices()[0].device_kind,
+          "compile_s": round(compile_s, 2), "ms": round(t * 1e3, 3)}, args.json)
 
   n = args.matmul_size or (2048 if backend == "cpu" else 8192)
   mm_t, mm_rate = matmul_rate(dtype, n, args.iters)
@@ -184,6 +195,8 @@ def main(argv=None):
     # time its default thread count and one thread, and compare against the faster.
     thread_counts = sorted({torch.get_num_threads(), 1}, reverse=True)
     for name, fn in (("forward", torch_forward), ("forward+backward", torch_forward_backward)):
+      if name not in results:
+        continue
       best = None
       for threads in thread_counts:
         torch.set_num_threads(threads)

@@ -12,13 +12,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.job = "train"  # train | cache (compute the reference Î0, M for every example) | sample
   c.seed = 0  # seeds LoRA init, the data order and (with the prompt index) every example's x_T.
   c.distributed = distributed_config()
+  c.compile = compile_config()
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # diffusers-format folder; "tiny" = random tiny models (wiring runs only).
   c.model.dtype = "bfloat16"  # compute dtype of the frozen models: float32 | bfloat16.
-  # xla | cudnn (fused, H100/H200) | chunked (XLA over query chunks: the [T, T] logits of SD's
-  # 4096-token self-attention never exist whole) | auto (= chunked: what lets SD1.5 train on a
-  # 16 GiB TPU v5e chip, with the two remat fields below). On H100/H200 set cudnn: faster.
+  # The attention kernel, chosen per layer from its shapes, dtype and backend, forward and under
+  # grad (fnf_jax/models/attention/choice.py): auto = cuDNN's fused kernel on NVIDIA GPUs and
+  # Pallas splash on TPUs where they can serve, else chunked XLA (the [T, T] logits of SD's
+  # 4096-token self-attention never exist whole) or plain XLA. Or name one: xla | chunked |
+  # cudnn | splash (a layer the named kernel cannot take falls back, logged once).
   c.model.attention = "auto"
   # Recompute each UNet block in the backward pass of the gradient steps, and each VAE decoder
   # block in the reward's backward pass at full resolution: what lets SD1.5 at 512² train on
@@ -167,6 +170,23 @@ def checkpoint_config(*, every: int, keep: int) -> ml_collections.ConfigDict:
   k = ml_collections.ConfigDict()
   k.every = every  # steps between checkpoints (and at the end / on SIGTERM)
   k.keep = keep  # newest checkpoints kept
+  return k
+
+
+def compile_config() -> ml_collections.ConfigDict:
+  """Compiling (fnf_jax/compilation.py): the persistent compilation cache and XLA flags.
+
+  With the cache, a second run of the same config (a resume, a restart after preemption, the
+  next run of a sweep) loads the step from disk: its log says "(cache hit)".
+  """
+  k = ml_collections.ConfigDict()
+  # "auto": WORKDIR/../jax_cache for a local (or gcsfuse-mounted) workdir, so runs in one
+  # folder share it; ~/.cache/fnf_jax/jax ($XDG_CACHE_HOME) for a gs:// workdir. "" = off.
+  k.cache_dir = "auto"
+  k.min_compile_secs = 1.0  # programs that compile faster than this are not cached
+  # Appended to XLA_FLAGS before JAX starts. To compile faster on GPUs at some cost in speed:
+  # "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false" (README, Compile time).
+  k.xla_flags = ""
   return k
 
 

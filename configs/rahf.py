@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.job = "train_reward"  # train_reward | eval_reward (scores eval.weights on eval.split)
   c.seed = 0  # the data order (each epoch a permutation drawn from (seed, epoch))
   c.distributed = focus_n_fix.distributed_config()  # several hosts: see that function
+  c.compile = focus_n_fix.compile_config()  # the persistent compilation cache, XLA flags
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "richhf18k"  # richhf18k | toy_defects (fnf_jax/data/reward_data.py)

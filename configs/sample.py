@@ -35,11 +35,14 @@ def get_config(arg: str | None = None):
   config.job = "sample"
   # Several processes split the batches (focus_n_fix.distributed_config documents the fields).
   config.distributed = focus_n_fix.distributed_config()
+  config.compile = focus_n_fix.compile_config()  # the persistent compilation cache, XLA flags
 
   config.model = ml_collections.ConfigDict()
   config.model.path = ""  # diffusers-format folder (model_index.json, unet/, vae/, ...). Required.
   config.model.dtype = "float32"  # compute dtype: float32 or bfloat16.
-  config.model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto.
+  # The attention kernel per layer: auto (cuDNN on NVIDIA GPUs, Pallas splash on TPUs, chunked
+  # or plain XLA elsewhere) | xla | chunked | cudnn | splash. fnf_jax/models/attention/choice.py.
+  config.model.attention = "auto"
   # A LoRA applied to the UNet: a .safetensors file (ours, diffusers' / peft's) or a training
   # run's workdir (its newest checkpoint); "" = the base model. fnf_jax/models/lora_io.py.
   config.model.lora = ""

@@ -15,7 +15,13 @@ On a 2-core CPU: VAE 11 min, reward 6 min, UNet 42 min (BENCHMARKS.md). A stoppe
 from WORKDIR; `:runlocal` is the few-step variant the tests run.
 """
 
+import os
+import sys
+
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import focus_n_fix  # noqa: E402  pylint: disable=g-import-not-at-top  (the shared compile block)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 100
   c.save_every = 500  # UNet stage state (params, optimizer, EMA) for resuming
   c.export_every = 1000  # EMA weights -> WORKDIR/pipeline, plus samples judged
+  c.compile = focus_n_fix.compile_config()  # the persistent compilation cache, XLA flags
 
   c.vae = ml_collections.ConfigDict()
   c.vae.steps = 2000

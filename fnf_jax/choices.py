@@ -8,9 +8,10 @@ added in one place.
 # model / reward compute dtypes; the reference cache's storage dtypes.
 DTYPES = ("float32", "bfloat16")
 CACHE_DTYPES = ("float32", "float16")
-# Attention (fnf_jax/models/layers.py): XLA, cuDNN's fused kernel, XLA over query chunks
-# (memory O(chunk · T)), or auto (= chunked; jax's own default would be plain XLA).
-ATTENTION = ("xla", "cudnn", "auto", "chunked")
+# Attention kernels (fnf_jax/models/attention/choice.py, whose REQUESTS these are): auto (the
+# backend's fused kernel where it serves: cuDNN on NVIDIA GPUs, Pallas splash on TPUs; chunked
+# XLA elsewhere), or one named, which falls back per layer where it cannot serve.
+ATTENTION = ("auto", "xla", "chunked", "cudnn", "splash")
 
 # Prompt sources (fnf_jax/data/prompts.py) and their splits.
 PROMPT_SOURCES = ("list", "text", "parti", "i2p")

@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fnf_jax import compilation
 from fnf_jax import errors
 from fnf_jax import jobs
 from fnf_jax import validate
@@ -36,6 +37,7 @@ class _QuietLibraries:
 def run_job(config, workdir: str):
   """Validates `config`, then runs its job (the job's module is imported only now)."""
   validate.validate(config)
+  compilation.setup(config.compile, workdir)
   return jobs.resolve(jobs.get(config.job).run)(config, workdir)
 
 

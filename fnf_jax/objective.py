@@ -73,14 +73,20 @@ def loss(*, rewards: jax.Array, images: jax.Array, reference: jax.Array, mask: j
   """
   constraint = regional_constraint(images, reference, mask, cfg.constraint_norm)
   total = -cfg.reward_weight * jnp.mean(rewards) + cfg.beta * jnp.mean(constraint)
-  if latent_term is not None:
-    total = total + cfg.gamma * jnp.mean(latent_term)
   metrics = {"loss": total, "reward": jnp.mean(rewards), "reward_std": jnp.std(rewards),
              "constraint": jnp.mean(constraint),
              **change_metrics(images, reference, mask if region is None else region)}
   if latent_term is not None:
-    metrics["latent_term"] = jnp.mean(latent_term)
+    total, metrics = add_latent_term(total, metrics, latent_term, cfg)
   return total, metrics
+
+
+def add_latent_term(total: jax.Array, metrics: dict, latent_term: jax.Array,
+                    cfg) -> tuple[jax.Array, dict]:
+  """The γ-term's share: total + γ · mean(latent term), and its metric. The training step adds
+  it apart from the image terms (its gradient comes back through the sampler's steps)."""
+  total = total + cfg.gamma * jnp.mean(latent_term)
+  return total, dict(metrics, loss=total, latent_term=jnp.mean(latent_term))
 
 
 def change_metrics(images: jax.Array, reference: jax.Array, mask: jax.Array) -> dict:

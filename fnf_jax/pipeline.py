@@ -68,6 +68,16 @@ class Pipeline:
   def image_size(self) -> int:
     return self.unet.config.sample_size * self.vae_scale_factor
 
+  @functools.cached_property
+  def inference(self) -> "Pipeline":
+    """This pipeline with modules that recompute nothing (`remat` off), the same parameters: for
+    what no gradient goes through (sampling, the reference, evaluation), where nn.remat would
+    cost tracing time and nothing else."""
+    if not (self.unet.remat or self.vae.remat):
+      return self
+    return dataclasses.replace(self, unet=self.unet.clone(remat=False),
+                               vae=self.vae.clone(remat=False))
+
   def abstract_params(self) -> dict:
     """The params' shapes with their logical axis names (from eval_shape of each init)."""
     out = {"unet": convert.abstract_params(self.unet, *unet_lib.dummy_inputs(self.unet.config)),
@@ -244,7 +254,7 @@ def _require(path: str, what: str) -> str:
   return path
 
 
-def load(path: str, *, dtype: str = "float32", attention_impl: str = "xla",
+def load(path: str, *, dtype: str = "float32", attention_impl: str = "auto",
          unet_remat: bool = False, vae_remat: bool = False) -> Pipeline:
   """Loads a diffusers-format Stable Diffusion 1.x / 2.x / SDXL folder (safetensors only).
 

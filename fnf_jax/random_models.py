@@ -87,7 +87,7 @@ def init_params(abstract: Any, seed) -> dict:
 
 def build_pipeline(*, unet: dict, vae: dict, text: dict, tokenizer, scheduler: schedulers.DDIMConfig,
                    params: dict | None = None, seed: int = 0, dtype: str = "float32",
-                   attention_impl: str = "xla", path: str = "<in memory>",
+                   attention_impl: str = "auto", path: str = "<in memory>",
                    unet_remat: bool = False, vae_remat: bool = False,
                    text_2: dict | None = None) -> pipeline_lib.Pipeline:
   """A Pipeline from diffusers-style config dicts: `params` ({"unet", "vae", "text_encoder"[,
@@ -113,7 +113,7 @@ def build_pipeline(*, unet: dict, vae: dict, text: dict, tokenizer, scheduler: s
   return dataclasses.replace(pipe, params=params)
 
 
-def random_pipeline(seed: int = 0, *, attention_impl: str = "xla", dtype: str = "float32",
+def random_pipeline(seed: int = 0, *, attention_impl: str = "auto", dtype: str = "float32",
                     unet_remat: bool = False, vae_remat: bool = False,
                     unet: dict = TINY_UNET, vae: dict = TINY_VAE, text: dict = TINY_TEXT,
                     text_2: dict | None = None, tokenizer_dir: str | None = None,

@@ -26,7 +26,7 @@ HISTORY = "config_history.jsonl"
 SAFE = ("job", "optim.lr", "optim.b1", "optim.b2", "optim.weight_decay", "optim.grad_clip",
         "optim.schedule", "optim.warmup_steps", "optim.decay_steps", "train.num_steps", "log.",
         "checkpoint.", "data.prefetch", "data.workers", "eval.", "mesh.", "sharding_rules",
-        "distributed.", "cache.", "model.attention", "model.unet_remat", "model.vae_remat",
+        "distributed.", "cache.", "compile.", "model.attention", "model.unet_remat", "model.vae_remat",
         "model.lora")  # read by the sampling jobs only, never by training
 
 # Keys added after runs may have been recorded, with the value that means what those runs did: a

@@ -25,6 +25,7 @@ from fnf_jax import pipeline as pipeline_lib
 from fnf_jax import reference as reference_lib
 from fnf_jax import random_models
 from fnf_jax import sharding
+from fnf_jax import step_program
 from fnf_jax import train_step
 from fnf_jax import validate
 from fnf_jax.data import examples as examples_lib
@@ -292,18 +293,14 @@ def _fit(config, workdir: str, run: Run, changes: dict) -> tuple[dict, dict]:
                                     run.reward)
     host = make_host(0)
     b_shardings = batch_shardings(host, mesh, run.rules)
-    jitted = jax.jit(run.step.train_step,
-                     in_shardings=(state_shardings, run.frozen_shardings, b_shardings, repl),
-                     out_shardings=(state_shardings, repl), donate_argnums=0)
-    spec = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
     batch_spec = {k: jax.ShapeDtypeStruct(_with(np.shape(v), batch_axis(k), batch_size), v.dtype,
                                           sharding=b_shardings[k]) for k, v in host.items()}
-    tic = time.perf_counter()
-    compiled = jitted.lower(jax.tree.map(spec, state, state_shardings),
-                            jax.tree.map(spec, run.frozen, run.frozen_shardings),
-                            batch_spec, rng).compile()
-    logging.info("compiled the train step in %.1f s", time.perf_counter() - tic)
-    _log_memory(compiled)
+    # The step's pieces, compiled together ahead of the first step (step_program.py); the log
+    # says how long and whether the persistent cache served them.
+    compiled, _ = step_program.compile_step(
+        run.step, mesh, run.rules, online_reference=t.reference == "online", state=state,
+        state_shardings=state_shardings, frozen=run.frozen,
+        frozen_shardings=run.frozen_shardings, batch_spec=batch_spec, rng=rng)
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard,
                                       resume_step=start)
@@ -443,15 +440,3 @@ def _panels(writer, panel_fns, frozen, state, batch, step):
 def _with(shape: tuple, axis: int, size: int) -> tuple:
   return tuple(size if i == axis else d for i, d in enumerate(shape))
 
-
-def _log_memory(compiled) -> None:
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    mem = None
-  if mem is None:
-    return
-  gib = lambda b: b / 2**30
-  logging.info("train step memory per device: arguments %.2f GiB, outputs %.2f GiB, temp %.2f "
-               "GiB", gib(mem.argument_size_in_bytes), gib(mem.output_size_in_bytes),
-               gib(mem.temp_size_in_bytes))

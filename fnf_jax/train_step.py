@@ -1,8 +1,10 @@
-"""The Focus-N-Fix training step: pure functions, built once per run by `build(pipe, reward,
-config)` and jitted by the loop with explicit shardings.
+"""The Focus-N-Fix training step: its loss, defined by autodiff end to end, and the step that
+computes its gradient in pieces (fnf_jax/step_pieces.py). Built once per run by
+`build(pipe, reward, config)`; the loop compiles the pieces with explicit shardings.
 
     step = build(pipe, reward, config)
     step.train_step(state, frozen, batch, rng) -> (state, metrics)
+    step.loss(lora, frozen, batch, rng, Î0, M) -> (loss, (metrics, Î))
     step.reference(frozen, batch) -> (Î0, M)        step.eval_images(lora, frozen, batch) -> Î
 
 state   TrainState: LoRA params, optimizer state, step (all that changes).
@@ -14,12 +16,10 @@ batch   {"ids", "neg_ids": [E, B, 77] int32, "x_T": [B, h, w, C], ["noise": [S, 
 
 Per example: Î0 and M come from the frozen model with the same x_T and sampler noise (cached, or
 computed here without gradient); Î is sampled with the LoRA model, gradient through the last K
-steps (or DRaFT-LV copies) and the VAE decoder; the objective is in `fnf_jax.objective`. The
-functions take what they read of the config as arguments (`Sampler`, the `objective` and `mask`
-blocks); `build` binds them.
+steps (or DRaFT-LV copies) and the VAE decoder; the objective is in `fnf_jax.objective`, its
+parts on a batch in `fnf_jax.method`.
 """
 
-import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -30,14 +30,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from fnf_jax import objective
+from fnf_jax import method
 from fnf_jax import optimizer as optimizer_lib
 from fnf_jax import sampling
+from fnf_jax import step_pieces
 from fnf_jax import validate
 from fnf_jax.models import lora as lora_lib
 from fnf_jax.models import lora_io
-from fnf_jax.rewards import masks
 from fnf_jax.rewards import registry
+
+Sampler = method.Sampler
 
 
 @flax.struct.dataclass
@@ -47,164 +49,40 @@ class TrainState:
   opt_state: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-  """How Î0 and Î are sampled (config blocks `sampling` and `train`)."""
-  num_steps: int
-  eta: float
-  guidance_scale: float
-  gradient: str  # truncated | lv | full
-  grad_steps: int  # K of "truncated"
-  lv_copies: int
-  remat_policy: str
-  zero_uncond: bool  # SDXL's zeroed unconditional branch for an empty negative prompt
-
-  @classmethod
-  def from_config(cls, config, pipe) -> "Sampler":
-    s, t = config.sampling, config.train
-    return cls(num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale,
-               gradient=t.gradient, grad_steps=t.grad_steps, lv_copies=t.lv_copies,
-               remat_policy=t.remat_policy,
-               zero_uncond=pipe.zeroes_uncond([s.negative_prompt]))
-
-  @property
-  def k(self) -> int:
-    """The final sampling steps that carry gradient (DRaFT-LV re-noises instead: 0 here)."""
-    return {"truncated": self.grad_steps, "full": self.num_steps}.get(self.gradient, 0)
-
-  @property
-  def copies(self) -> int:
-    """Re-noised copies per example (DRaFT-LV), 1 otherwise."""
-    return self.lv_copies if self.gradient == "lv" else 1
-
-
-# --- sampling ---------------------------------------------------------------------------------
-def conditioning(pipe, s: Sampler, frozen, batch):
-  """(cond, uncond) as `Pipeline.generate` builds them (so Î0 is the image generate makes)."""
-  return pipe.conditioning(frozen, batch["ids"], batch["neg_ids"], guided=s.guidance_scale > 1,
-                           zero_uncond=s.zero_uncond)
-
-
-def denoiser(pipe, s: Sampler, unet_params, cond_uncond, copies: int = 1, lora=None):
-  """The guided UNet; `lora` a "lora" collection applied beside the frozen kernels, or None."""
-  cond, uncond = cond_uncond
-  if copies > 1:  # the same prompts for each re-noised copy (copy-major batch)
-    tile = lambda c: jax.tree.map(lambda x: jnp.concatenate([x] * copies, axis=0), c)
-    cond, uncond = tile(cond), tile(uncond)
-  return pipe.denoiser(unet_params, cond, uncond, s.guidance_scale, lora=lora)
-
-
-def sample(pipe, s: Sampler, denoise, batch, *, grad_steps: int, aux_fn=None,
-           prefix_denoise=None):
-  """(x_0 latents, aux mean) of DDIM from the batch's x_T and sampler noise."""
-  return sampling.sample(denoise, batch["x_T"], pipe.scheduler, num_steps=s.num_steps,
-                         eta=s.eta, noise=batch.get("noise"), grad_steps=grad_steps,
-                         remat_policy=s.remat_policy, aux_fn=aux_fn,
-                         prefix_denoise=prefix_denoise)
-
-
-def reference(pipe, reward: registry.Reward, s: Sampler, mask_cfg, frozen,
-              batch) -> tuple[jax.Array, jax.Array]:
-  """(Î0 [B, H, W, 3], M [B, H, W]) from the frozen model, without gradient."""
-  denoise = denoiser(pipe, s, frozen["unet"], conditioning(pipe, s, frozen, batch))
-  # The same scan structure as the fine-tuned sample (prefix + K rematerialised steps), so that
-  # with a zero LoRA the two are the same computation and Î == Î0 holds bit for bit.
-  x0, _ = sample(pipe, s, denoise, batch, grad_steps=s.k)
-  images = pipe.decode(frozen["vae"], x0)
-  # The reward's region even when the objective ignores it (objective.mask = "ones", DRaFT):
-  # the change inside / outside it is what compares the two methods.
-  mask = reward_mask(reward, mask_cfg, frozen["reward"], images, reward_ids(reward, batch))
-  return jax.lax.stop_gradient(images), jax.lax.stop_gradient(mask)
-
-
-def reward_ids(reward: registry.Reward, batch, copies: int = 1) -> jax.Array:
-  """The prompt ids `reward` reads, tiled `copies` times along the batch: its own tokenizer's
-  ("reward_ids" [B, L]) or the pipeline's ("ids" [E, B, T])."""
-  if reward.tokenize is not None:
-    return jnp.concatenate([batch["reward_ids"]] * copies, 0)
-  return jnp.concatenate([batch["ids"]] * copies, 1)
-
-
-def reward_mask(reward: registry.Reward, mask_cfg, params, images, ids) -> jax.Array:
-  """M [B, H, W] of images by the reward: its heatmap through the config's mask chain and gate
-  (empty where the reward finds no problem)."""
-  heat = reward.heatmap(params, images, ids)
-  scores = reward.score(params, images, ids) if mask_cfg.gate == "score" else None
-  return masks.from_config(heat, images.shape[1:3], mask_cfg, scores)
-
-
+# --- the loss: its definition, by autodiff end to end ------------------------------------------
 def generate(pipe, s: Sampler, gamma: float, lora_scale: float, lora, frozen, batch, rng, mask):
-  """Î with gradients w.r.t. the LoRA params, and the latent-term aux (None when gamma = 0)."""
+  """x_0 with gradients w.r.t. the LoRA params, and the latent-term aux (None when gamma = 0)."""
   added = lora_lib.collection(lora, lora_scale)
-  cond = conditioning(pipe, s, frozen, batch)  # encoded once, shared by every denoiser
+  cond = method.conditioning(pipe, s, frozen, batch)  # encoded once, shared by every denoiser
   # The no-gradient steps see the LoRA as constants: nothing of theirs is kept for the backward.
-  prefix = denoiser(pipe, s, frozen["unet"], cond, lora=jax.lax.stop_gradient(added))
+  prefix = method.denoiser(pipe, s, frozen["unet"], cond, lora=jax.lax.stop_gradient(added))
   copies = s.copies
-  aux_fn = None
-  if gamma > 0:
-    base = denoiser(pipe, s, frozen["unet"], cond, copies)
-    m = jnp.concatenate([objective.latent_mask(mask, batch["x_T"].shape[1:3])] * copies, 0)
-    aux_fn = lambda x, tt, out: objective.latent_difference(
-        out, jax.lax.stop_gradient(base(x, tt)), m)
+  aux_fn = method.latent_term_fn(pipe, s, gamma, frozen, batch, cond, mask)
   if s.gradient == "lv":
-    x0, aux = sampling.sample_lv(prefix, denoiser(pipe, s, frozen["unet"], cond, copies, added),
+    x0, aux = sampling.sample_lv(prefix,
+                                 method.denoiser(pipe, s, frozen["unet"], cond, copies, added),
                                  batch["x_T"], pipe.scheduler, num_steps=s.num_steps,
                                  copies=copies, rng=rng, eta=s.eta, noise=batch.get("noise"),
                                  remat_policy=s.remat_policy, aux_fn=aux_fn)
   else:
-    x0, aux = sample(pipe, s, denoiser(pipe, s, frozen["unet"], cond, lora=added), batch,
-                     grad_steps=s.k, aux_fn=aux_fn, prefix_denoise=prefix)
-  return pipe.decode(frozen["vae"], x0), aux
+    x0, aux = method.sample(pipe, s, method.denoiser(pipe, s, frozen["unet"], cond, lora=added),
+                            batch, grad_steps=s.k, aux_fn=aux_fn, prefix_denoise=prefix)
+  return x0, aux
 
 
-def eval_images(pipe, s: Sampler, lora_scale: float, lora, frozen, batch) -> jax.Array:
-  """Î of the LoRA model (no gradient), for image panels and evaluation."""
-  denoise = denoiser(pipe, s, frozen["unet"], conditioning(pipe, s, frozen, batch),
-                     lora=lora_lib.collection(lora, lora_scale))
-  x0, _ = sample(pipe, s, denoise, batch, grad_steps=0)
-  return pipe.decode(frozen["vae"], x0)
-
-
-# --- the objective and the step ---------------------------------------------------------------
 def loss(pipe, reward: registry.Reward, s: Sampler, obj_cfg, lora_scale: float, lora, frozen,
          batch, rng, reference_images, region):
-  """`region` is the reward's mask M of Î0; the objective uses it, or 1 everywhere when
-  objective.mask = "ones", and the change metrics are measured against it either way."""
+  """The loss of the LoRA `lora` on a batch: (loss, (metrics, Î)). `region` is M of Î0.
+
+  This is the definition: differentiated by JAX end to end (through the sampler's last K steps,
+  rematerialised). The training step computes its gradient in pieces instead (step_pieces)."""
   mask = jnp.ones_like(region) if obj_cfg.mask == "ones" else region
-  images, aux = generate(pipe, s, obj_cfg.gamma, lora_scale, lora, frozen, batch, rng, mask)
-  copies = s.copies
-  tile = lambda x: jnp.concatenate([x] * copies, axis=0)
-  reference_images, mask = tile(reference_images), tile(mask)
-  ids = reward_ids(reward, batch, copies)
-  seen = objective.reward_input(images, mask, obj_cfg.reward_region)
-  rewards = reward.score(frozen["reward"], seen, ids)
-  total, metrics = objective.loss(rewards=rewards, images=images, reference=reference_images,
-                                  mask=mask, cfg=obj_cfg, latent_term=aux, region=tile(region))
-  return total, (metrics, images)
+  x0, aux = generate(pipe, s, obj_cfg.gamma, lora_scale, lora, frozen, batch, rng, mask)
+  return method.image_loss(pipe, reward, s, obj_cfg, frozen, batch, x0, reference_images, region,
+                           latent_term=aux)
 
 
-def train_step(loss_fn: Callable, reference_fn: Callable, tx: optax.GradientTransformation,
-               optim_cfg, state: TrainState, frozen, batch, rng) -> tuple[TrainState, dict]:
-  reference_images, mask = reference_fn(frozen, batch)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (metrics, _)), grads = grad_fn(state.lora, frozen, batch, rng, reference_images, mask)
-  updates, opt_state = tx.update(grads, state.opt_state, state.lora)
-  lora = optax.apply_updates(state.lora, updates)
-  grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
-  # A step whose loss, gradients, update or new weights are not finite is not taken: the state
-  # stays as it was (so whatever is checkpointed is good) and `nonfinite` tells the loop, which
-  # stops at the next fetch naming this step. Four scalar checks, no host sync.
-  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-            & jnp.isfinite(optax.global_norm(lora)))
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm,
-                 nonfinite=1.0 - finite.astype(jnp.float32),
-                 lr=optimizer_lib.learning_rate(optim_cfg, state.opt_state,
-                                                state.step // max(optim_cfg.grad_accum, 1)))
-  return TrainState(step=state.step + 1, lora=keep(lora, state.lora),
-                    opt_state=keep(opt_state, state.opt_state)), metrics
-
-
+# --- state --------------------------------------------------------------------------------------
 def init_state(tx: optax.GradientTransformation, lora_cfg, rng, unet_params,
                start=None) -> TrainState:
   """Step 0: the LoRA `start` (a tree: `Step.start`, from lora.init) or a fresh one from `rng`
@@ -272,7 +150,8 @@ class Step(NamedTuple):
   init_state: Callable  # (rng, unet_params[, start]) -> TrainState
   reference: Callable  # (frozen, batch) -> (Î0, M), computed by the frozen model
   loss: Callable  # (lora, frozen, batch, rng, Î0, M) -> (loss, (metrics, Î))
-  train_step: Callable  # (state, frozen, batch, rng) -> (state, metrics)
+  pieces: step_pieces.Pieces  # the train step's programs (the loop compiles each)
+  train_step: Callable  # (state, frozen, batch, rng) -> (state, metrics): the pieces in order
   eval_images: Callable  # (lora, frozen, batch) -> Î
   tx: optax.GradientTransformation
   start: Any = None  # lora.init's tree (host numpy), for init_state; None: a fresh LoRA
@@ -284,14 +163,21 @@ def build(pipe, reward: registry.Reward, config) -> Step:
   s = Sampler.from_config(config, pipe)
   tx = optimizer_lib.optimizer(config.optim)
   lora_scale = lora_lib.scale(config.lora.rank, config.lora.alpha)
-  reference_fn = functools.partial(reference, pipe, reward, s, config.mask)
-  loss_fn = functools.partial(loss, pipe, reward, s, config.objective, lora_scale)
-  step_reference = cached_reference if config.train.reference == "cache" else reference_fn
+  reference_fn = functools.partial(method.reference, pipe, reward, s, config.mask)
+  p = functools.partial
+  pieces = step_pieces.Pieces(
+      reference=cached_reference if config.train.reference == "cache" else reference_fn,
+      forward=p(step_pieces.forward, pipe, s, lora_scale),
+      image_grads=p(step_pieces.image_grads, pipe, reward, s, config.objective),
+      lora_grads=p(step_pieces.lora_grads, pipe, s, config.objective, lora_scale),
+      update=p(step_pieces.update, tx, config.optim, config.objective))
   return Step(
-      init_state=functools.partial(init_state, tx, config.lora),
+      init_state=p(init_state, tx, config.lora),
       reference=reference_fn,
-      loss=loss_fn,
-      train_step=functools.partial(train_step, loss_fn, step_reference, tx, config.optim),
-      eval_images=functools.partial(eval_images, pipe, s, lora_scale),
+      loss=p(loss, pipe, reward, s, config.objective, lora_scale),
+      pieces=pieces,
+      train_step=p(step_pieces.run, pieces),
+      eval_images=p(method.eval_images, pipe, s, lora_scale),
       tx=tx,
-      start=start_lora(config.lora, pipe.params["unet"]))
+      # Only read when set: a pipeline built from abstract params (benchmarks) has no weights.
+      start=start_lora(config.lora, pipe.params["unet"]) if config.lora.init else None)

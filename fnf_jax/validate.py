@@ -218,6 +218,18 @@ def distributed(config) -> None:
                       "0 .. num_processes - 1")
 
 
+def compile_block(config) -> None:
+  """config.compile (fnf_jax/compilation.py), which every job's config has."""
+  text(config, "compile.cache_dir")
+  number(config, "compile.min_compile_secs", 0.0)
+  text(config, "compile.xla_flags")
+  bad = [f for f in value(config, "compile.xla_flags").split() if not f.startswith("--")]
+  if bad:
+    raise ConfigError(f"config.compile.xla_flags = {value(config, 'compile.xla_flags')!r}: "
+                      f"{bad[0]!r} is not an XLA flag (each starts with --, e.g. "
+                      "--xla_gpu_autotune_level=0)")
+
+
 def check_batch(config, devices: int) -> None:
   """The global batch must split into whole examples over `devices` (the mesh size, or the
   product of its fixed axes before the devices are known)."""
@@ -233,6 +245,7 @@ def training(config) -> None:
   """The Focus-N-Fix / DRaFT training configs (configs/focus_n_fix.py documents every field)."""
   integer(config, "seed", 0)
   distributed(config)
+  compile_block(config)
   model(config, tiny_ok=True)
   boolean(config, "model.unet_remat")
   boolean(config, "model.vae_remat")
@@ -318,6 +331,7 @@ def reward_training(config) -> None:
   from fnf_jax.rewards import trainable  # pylint: disable=import-outside-toplevel
   integer(config, "seed", 0)
   distributed(config)
+  compile_block(config)
   one_of(config, "data.name", reward_data.names())
   dataset = reward_data.get(value(config, "data.name"))
   if dataset.manual:
@@ -364,6 +378,7 @@ def reward_training(config) -> None:
 def sample_job(config) -> None:
   """configs/sample.py."""
   distributed(config)
+  compile_block(config)
   model(config, tiny_ok=False)
   lora_source(config, "model.lora")
   prompts(config)

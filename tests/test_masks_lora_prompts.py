@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from fnf_jax import method
 from fnf_jax.data import prompts
 from fnf_jax.models import lora
 from fnf_jax.rewards import masks
@@ -56,7 +57,7 @@ def test_gate_empties_clean_images_and_min_mask_area_keeps_the_others():
   :runlocal mask settings (top-10 % quantile, then the heatmap-peak gate) the clean images get
   empty masks, and data.min_mask_area selects exactly the problematic examples."""
   from configs import violence  # pylint: disable=import-outside-toplevel
-  from fnf_jax import train, train_step  # pylint: disable=import-outside-toplevel
+  from fnf_jax import train  # pylint: disable=import-outside-toplevel
   from fnf_jax.data import examples as examples_lib  # pylint: disable=import-outside-toplevel
 
   config = violence.get_config("runlocal")
@@ -68,12 +69,12 @@ def test_gate_empties_clean_images_and_min_mask_area_keeps_the_others():
   for i in np.nonzero(problematic)[0]:  # ... except a patch of it on every other image
     y, x = rng.integers(0, 24, 2)
     images[i, y:y + 8, x:x + 8] = (0.6, 0.0, 0.0)
-  m = np.asarray(train_step.reward_mask(reward, config.mask, reward.params, jnp.asarray(images),
+  m = np.asarray(method.reward_mask(reward, config.mask, reward.params, jnp.asarray(images),
                                         None))
   assert (m[~problematic] == 0).all() and (m[problematic].mean(axis=(1, 2)) > 0.05).all()
   # Without the gate the quantile marks 10 % of every image, clean or not.
   config.mask.gate = "none"
-  ungated = np.asarray(train_step.reward_mask(reward, config.mask, reward.params,
+  ungated = np.asarray(method.reward_mask(reward, config.mask, reward.params,
                                               jnp.asarray(images), None))
   assert (ungated[~problematic].mean(axis=(1, 2)) >= 0.1).all()
 

@@ -1,4 +1,5 @@
-"""The memory settings change memory, not numbers: chunked attention, UNet and VAE remat."""
+"""The memory settings change memory, not numbers: UNet and VAE remat (chunked attention:
+tests/test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,28 +7,9 @@ import numpy as np
 
 from fnf_jax import random_models
 from fnf_jax.models import convert
-from fnf_jax.models import layers
 from fnf_jax.models import lora as lora_lib
 from fnf_jax.models import unet as unet_lib
 from fnf_jax.models import vae as vae_lib
-
-
-def test_chunked_attention_is_xla_attention():
-  t = 2 * layers.ATTENTION_CHUNK  # two chunks
-  q, k, v = (jax.random.normal(key, (2, t, 4, 16)) for key in jax.random.split(jax.random.key(0), 3))
-  short = jax.random.normal(jax.random.key(1), (2, 77, 4, 16))
-  for a, b in ((q, k), (q, short)):  # self-attention, and cross-attention on 77 tokens
-    want = layers.attention(q, b, b, implementation="xla")
-    got = layers.attention(q, b, b, implementation="chunked")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v,
-                                                                       implementation=impl)))
-  for g_xla, g_chunked in zip(jax.grad(loss("xla"), (0, 1, 2))(q, k, v),
-                              jax.grad(loss("chunked"), (0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(g_chunked, g_xla, rtol=1e-4, atol=1e-5)
-  # Causal or short sequences take the one-piece path.
-  np.testing.assert_array_equal(layers.attention(short, short, short, implementation="chunked"),
-                                layers.attention(short, short, short, implementation="xla"))
 
 
 def test_unet_and_vae_remat_keep_outputs_and_gradients():

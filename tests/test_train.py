@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -48,6 +49,16 @@ def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   main.run_job(tiny_config(), workdir)
   return read_metrics(workdir)
+
+
+def test_the_log_says_how_long_compiling_took(tmp_path, caplog):
+  import logging  # pylint: disable=import-outside-toplevel
+  with caplog.at_level(logging.INFO):
+    main.run_job(tiny_config(**{"train.num_steps": 1}), str(tmp_path))
+  said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled ")]
+  # The online reference's program and the step's four; the test session's cache is on.
+  assert len(said) == 1 and re.match(r"compiled the train step \(5 programs\) in [0-9.]+ s "
+                                     r"\(cache (hit|miss)", said[0]), said
 
 
 def test_first_step_reproduces_reference(uninterrupted):

@@ -22,7 +22,8 @@ CASES = [
     # every enumerated field of the training configs
     (TRAIN, "job=bogus", "config.job = 'bogus' is not one of ['cache', 'demo', 'eval', 'eval_reward', 'pretrain', 'sample', 'train', 'train_reward']"),
     (TRAIN, "model.dtype=float16", "config.model.dtype = 'float16' is not one of ('float32', 'bfloat16')"),
-    (TRAIN, "model.attention=flash", "config.model.attention = 'flash' is not one of ('xla', 'cudnn', 'auto', 'chunked')"),
+    (TRAIN, "model.attention=flash", "config.model.attention = 'flash' is not one of ('auto', 'xla', 'chunked', 'cudnn', 'splash')"),
+    (TRAIN, "compile.xla_flags=xla_gpu_autotune_level=0", "config.compile.xla_flags = 'xla_gpu_autotune_level=0': 'xla_gpu_autotune_level=0' is not an XLA flag"),
     (TRAIN, "prompts.source=csv", "config.prompts.source = 'csv' is not one of ('list', 'text', 'parti', 'i2p')"),
     (TRAIN, "train.gradient=bogus", "config.train.gradient = 'bogus' is not one of ('truncated', 'lv', 'full')"),
     (TRAIN, "train.remat_policy=all", "config.train.remat_policy = 'all' is not one of ('nothing_saveable', "),
@@ -158,7 +159,8 @@ def test_a_missing_field_is_named():
                      r"config.train has no field 'gradient'"):
     validate.training(ml_collections.ConfigDict(
         {"seed": 0, "distributed": {"enabled": False, "coordinator": "", "num_processes": 0,
-         "process_id": -1}, "model": {"path": "tiny", "dtype": "float32",
+         "process_id": -1}, "compile": {"cache_dir": "", "min_compile_secs": 1.0,
+         "xla_flags": ""}, "model": {"path": "tiny", "dtype": "float32",
          "attention": "xla", "unet_remat": False, "vae_remat": False}, "prompts": {"source": "list", "texts": ("a",),
          "eval_fraction": 0.0}, "data": {"batch_size": 1, "seeds_per_prompt": 1,
          "min_mask_area": 0.0, "prefetch": 0}, "sampling": {"num_steps": 1, "guidance_scale": 1.0,
@@ -170,6 +172,7 @@ def test_a_missing_field_is_named():
 # else must be refused at those values.
 MEANINGFUL = {
     0: {"data.min_mask_area",  # no area filter
+        "compile.min_compile_secs",  # every program cached
         "data.prefetch",  # batches built on the training thread
         "distributed.num_processes", "distributed.process_id",  # detected from the cluster
         "log.image_every", "mask.blur", "mask.dilation", "mask.threshold",

@@ -1,4 +1,4 @@
-"""Building blocks shared by every model family: layers with logical axis names and attention.
+"""Building blocks shared by every model family: layers with logical axis names.
 
 Every parameter carries logical axis names (see `fnf_jax.sharding` for the rules that map them
 onto a mesh), so that switching between data parallelism and FSDP is a config change. The layers
@@ -22,8 +22,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from fnf_jax import choices
 
 Dtype = Any
 
@@ -50,7 +48,6 @@ CONV_OUT = "conv_out"
 VOCAB = "vocab"
 NORM = "norm"
 
-ATTENTION_IMPLEMENTATIONS = choices.ATTENTION
 # The variable collection a LoRA enters the modules through (fnf_jax.models.lora.collection).
 LORA = "lora"
 
@@ -130,45 +127,3 @@ def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype,
 
 def layer_norm(epsilon: float, *, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name, **_norm_params())
-
-
-# Query rows per chunk of the "chunked" implementation: SD1.5's 64² latents (4096 tokens) in 8.
-ATTENTION_CHUNK = 512
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",
-              upcast: bool = False, is_causal: bool = False,
-              mask: jax.Array | None = None) -> jax.Array:
-  """Scaled dot-product attention on [B, T, heads, head_dim] through jax.nn.dot_product_attention.
-
-  `implementation` is "xla", "cudnn" (fused flash attention on NVIDIA GPUs), "chunked": XLA
-  over ATTENTION_CHUNK query rows at a time, each chunk rematerialised, so the [T, T] logits of
-  long sequences never exist whole, in the forward pass or the backward (the same numbers as
-  "xla" up to rounding), or "auto": "chunked" (jax.nn.dot_product_attention's own default,
-  None, is plain XLA on every backend, GPUs included; cuDNN is chosen only by name, since it
-  takes half precision and a subset of shapes).
-  `upcast` computes the attention in float32, as diffusers' `upcast_attention` (SD 2.1).
-  """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-        f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-  dtype = q.dtype
-  if upcast:
-    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  if implementation == "auto":
-    implementation = "chunked"
-  if implementation == "chunked":
-    t = q.shape[1]
-    if t <= ATTENTION_CHUNK or t % ATTENTION_CHUNK or is_causal or mask is not None:
-      implementation = "xla"  # short, ragged or masked: one piece
-    else:
-      chunks = jnp.moveaxis(q.reshape(q.shape[0], t // ATTENTION_CHUNK, ATTENTION_CHUNK,
-                                      *q.shape[2:]), 1, 0)
-      one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v))
-      out = jnp.moveaxis(jax.lax.map(one, chunks), 0, 1).reshape(q.shape[0], t, *v.shape[2:])
-      return out.astype(dtype)
-  impl = implementation
-  if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-    impl = None  # cuDNN's fused kernels take half precision only; float32 goes to XLA.
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
-  return out.astype(dtype)

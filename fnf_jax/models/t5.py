@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnf_jax.models import convert
+from fnf_jax.models.attention import attention
 from fnf_jax.models.layers import ACTIVATIONS, EMBED, MLP, NORM, VOCAB, dense
 
 Dtype = Any
@@ -182,15 +183,10 @@ class T5Attention(nn.Module):
         raise ValueError("a T5 attention without relative_attention_bias needs the position "
                          "bias of block 0")
       position_bias = self.compute_bias(t)
-    # No 1/sqrt(d_kv): T5's q initialisation absorbs it, and the checkpoints expect none.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores + position_bias
-    if mask is not None:
-      # The most negative float, not -inf, as transformers: a fully masked row (no real token)
-      # then averages the values instead of producing NaN.
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))
+    # No 1/sqrt(d_kv): T5's q initialisation absorbs it, and the checkpoints expect none. The
+    # bias keeps the layer on XLA (attention/choice.py); a masked key gets a large negative
+    # logit, not -inf, as in transformers: a fully masked row averages the values, no NaN.
+    out = attention(q, k, v, bias=position_bias, mask=mask, scale=1.0)
     out = dense(c.d_model, (MLP, EMBED), dtype=self.dtype, use_bias=False,
                 name="o")(out.reshape(b, t, c.inner_dim))
     return out, position_bias

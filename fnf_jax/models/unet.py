@@ -200,7 +200,7 @@ class UNet2DConditionModel(nn.Module):
   """
   config: UNetConfig
   dtype: layers.Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False  # recompute each resnet / transformer block in the backward pass
 
   def _block_kwargs(self, i: int, up: bool) -> dict:
@@ -311,7 +311,7 @@ def _compute_dtype(dtype):
   return dtype
 
 
-def load(folder: str, *, dtype="float32", attention_impl: str = "xla", remat: bool = False
+def load(folder: str, *, dtype="float32", attention_impl: str = "auto", remat: bool = False
          ) -> tuple[UNet2DConditionModel, dict]:
   """(module, params) from a diffusers `unet/` folder (config.json + *.safetensors).
 

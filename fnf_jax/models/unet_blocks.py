@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fnf_jax.models import layers
+from fnf_jax.models.attention import attention
 from fnf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from fnf_jax.models.layers import EMBED, MLP
 
@@ -68,7 +69,7 @@ class Attention(nn.Module):
   """Multi-head attention without q/k/v biases (diffusers' `Attention`, attention_bias=False)."""
   heads: int
   upcast: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -79,7 +80,7 @@ class Attention(nn.Module):
     k = layers.dense(inner, dtype=self.dtype, use_bias=False, name="to_k")(context)
     v = layers.dense(inner, dtype=self.dtype, use_bias=False, name="to_v")(context)
     split = lambda t: t.reshape(*t.shape[:2], self.heads, inner // self.heads)
-    out = layers.attention(split(q), split(k), split(v), implementation=self.attention_impl,
+    out = attention(split(q), split(k), split(v), implementation=self.attention_impl,
                            upcast=self.upcast)
     out = out.reshape(*out.shape[:2], inner)
     return layers.dense(x.shape[-1], (MLP, EMBED), dtype=self.dtype, name="to_out_0")(out)
@@ -111,7 +112,7 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   upcast: bool = False
   norm_eps: float = 1e-5
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -135,7 +136,7 @@ class Transformer2DModel(nn.Module):
   groups: int = 32
   use_linear_projection: bool = False
   upcast: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute each transformer block in the backward pass
 
@@ -170,7 +171,7 @@ class BlockSpec(nn.Module):
   eps: float = 1e-5
   use_linear_projection: bool = False
   upcast_attention: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   # Recompute each resnet and transformer block in the backward pass: a gradient step then
   # holds one block's activations at a time instead of the whole UNet's.

@@ -29,6 +29,7 @@ import numpy as np
 
 from fnf_jax.models import convert
 from fnf_jax.models import layers
+from fnf_jax.models.attention import attention
 from fnf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 Dtype = Any
@@ -136,7 +137,7 @@ class Attention(nn.Module):
   groups: int
   heads: int
   dtype: Dtype
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -147,7 +148,7 @@ class Attention(nn.Module):
     q, k, v = (layers.dense(c, dtype=self.dtype, name=n)(y).reshape(b, h * w, self.heads, head_dim)
                for n in ("to_q", "to_k", "to_v"))
     # Logits and softmax run in float32 inside jax.nn.dot_product_attention (upcast_softmax).
-    y = layers.attention(q, k, v, implementation=self.attention_impl).reshape(b, h * w, c)
+    y = attention(q, k, v, implementation=self.attention_impl).reshape(b, h * w, c)
     y = layers.dense(c, (layers.MLP, layers.EMBED), dtype=self.dtype, name="to_out_0")(y)
     return x + y.reshape(b, h, w, c)
 
@@ -158,7 +159,7 @@ class UNetMidBlock2D(nn.Module):
   groups: int
   add_attention: bool
   dtype: Dtype
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -200,7 +201,7 @@ def _maybe_remat(cls, remat: bool):
 class Encoder(nn.Module):
   config: VAEConfig
   dtype: Dtype
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -222,7 +223,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: VAEConfig
   dtype: Dtype
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -252,7 +253,7 @@ class AutoencoderKL(nn.Module):
 
   config: VAEConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   def setup(self):
@@ -322,7 +323,7 @@ def params_from_state_dict(module: AutoencoderKL, state_dict: Mapping[str, np.nd
                            rename=LEGACY_ATTENTION_RENAMES, dtype=dtype)
 
 
-def load(folder: str, *, dtype="float32", attention_impl: str = "xla",
+def load(folder: str, *, dtype="float32", attention_impl: str = "auto",
          remat: bool = False) -> tuple[AutoencoderKL, dict]:
   """(module, params) from a diffusers `vae/` folder (config.json + *.safetensors).
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnf_jax.models import convert
-from fnf_jax.models.layers import ACTIVATIONS, EMBED, MLP, attention, conv, dense, layer_norm
+from fnf_jax.models.attention import attention
+from fnf_jax.models.layers import ACTIVATIONS, EMBED, MLP, conv, dense, layer_norm
 
 Dtype = Any
 
@@ -173,7 +174,7 @@ class _Dense(nn.Module):
 class ViTSelfAttention(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -188,7 +189,7 @@ class ViTSelfAttention(nn.Module):
 class ViTAttention(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -200,7 +201,7 @@ class ViTLayer(nn.Module):
   """Pre-norm block: x + attention(layernorm_before(x)), then x + mlp(layernorm_after(x))."""
   config: ViTConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -215,7 +216,7 @@ class ViTLayer(nn.Module):
 class ViTEncoder(nn.Module):
   config: ViTConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -239,7 +240,7 @@ class ViTModel(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   add_pooling_layer: bool = True  # transformers' default
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> ViTOutput:
@@ -295,7 +296,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ViTConf
 
 def load(folder: str, *, dtype="float32", remat: bool = False,
          add_pooling_layer: bool | None = None,
-         attention_impl: str = "xla") -> tuple[ViTModel, dict]:
+         attention_impl: str = "auto") -> tuple[ViTModel, dict]:
   """A transformers ViT folder (config.json + model.safetensors, from ViTModel or a
   ViTFor* head class) -> (ViTModel, float32 numpy params); `dtype` is the compute dtype.
 

@@ -26,6 +26,7 @@ def _stage(config, stage: str) -> None:
 
 
 def pretrain(config) -> None:
+  v.compile_block(config)
   for key in ("seed", "data_seed"):
     v.integer(config, key, 0)
   for key in ("log_every", "save_every", "export_every"):

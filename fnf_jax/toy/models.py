@@ -118,7 +118,7 @@ def latent_scaling_factor(latents) -> float:
 
 def build_pipeline(tokenizer_dir: str, *, params: dict | None = None, seed: int = 0,
                    vae_scaling_factor: float = 1.0,
-                   attention_impl: str = "xla") -> pipeline_lib.Pipeline:
+                   attention_impl: str = "auto") -> pipeline_lib.Pipeline:
   """A toy Pipeline in memory: `params` ({"unet", "vae", "text_encoder"}) or a random init.
 
   `tokenizer_dir` is written with `write_tokenizer` if it holds no tokenizer yet.

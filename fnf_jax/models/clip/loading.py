@@ -36,7 +36,7 @@ def _text_rename(keys) -> list[tuple[str, str]]:
   return [(r"^(?!text_projection\.)", "text_model.")]
 
 
-def load_text_encoder(folder: str, *, dtype="float32", attention_impl: str = "xla",
+def load_text_encoder(folder: str, *, dtype="float32", attention_impl: str = "auto",
                       remat: bool = False) -> tuple[CLIPTextModel, dict]:
   """A diffusers/transformers text encoder folder -> (CLIPTextModel module, params).
 
@@ -145,7 +145,7 @@ def _find_tokenizer(path: str, tokenizer) -> clip_tokenizer.ClipTokenizer | None
   return None  # encode_text then says how to pass one
 
 
-def load(path: str, *, dtype="float32", attention_impl: str = "xla", remat: bool = False,
+def load(path: str, *, dtype="float32", attention_impl: str = "auto", remat: bool = False,
          config: CLIPConfig | str | None = None,
          tokenizer: "str | clip_tokenizer.ClipTokenizer | None" = None) -> Clip:
   """A CLIPModel -> `Clip`, its params float32 on the default device; `dtype` is the compute dtype.

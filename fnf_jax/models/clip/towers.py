@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from fnf_jax.models.clip.configs import (LEGACY_EOS_TOKEN_ID, CLIPConfig, CLIPTextConfig,
                                          CLIPVisionConfig)
-from fnf_jax.models.layers import ACTIVATIONS, EMBED, MLP, VOCAB, attention, dense, layer_norm
+from fnf_jax.models.attention import attention
+from fnf_jax.models.layers import ACTIVATIONS, EMBED, MLP, VOCAB, dense, layer_norm
 
 Dtype = Any
 
@@ -61,7 +62,7 @@ class CLIPAttention(nn.Module):
   config: CLIPTextConfig | CLIPVisionConfig
   causal: bool
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,7 +95,7 @@ class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig | CLIPVisionConfig
   causal: bool
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,7 +112,7 @@ class CLIPEncoder(nn.Module):
   config: CLIPTextConfig | CLIPVisionConfig
   causal: bool
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False  # recompute each layer in the backward pass (reward gradients)
   # Expose each layer output as a "perturbations" variable (see below); the vision tower does.
   perturb_outputs: bool = False
@@ -162,7 +163,7 @@ class CLIPTextTransformer(nn.Module):
   """transformers' CLIPTextTransformer: embeddings, causal encoder, final LN, eos pooling."""
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -185,7 +186,7 @@ class CLIPTextModel(nn.Module):
   config: CLIPTextConfig
   with_projection: bool = False
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -236,7 +237,7 @@ class CLIPVisionTransformer(nn.Module):
   """transformers' CLIPVisionTransformer: embeddings, pre_layrnorm, encoder, post_layernorm."""
   config: CLIPVisionConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -260,7 +261,7 @@ class CLIPModel(nn.Module):
   """
   config: CLIPConfig
   dtype: Dtype = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   remat: bool = False
 
   def setup(self):
