@@ -21,10 +21,11 @@ PROMPT_SPLITS = ("train", "eval", "all")
 GRADIENT_MODES = ("truncated", "lv", "full")
 REFERENCE_MODES = ("online", "cache")
 MASK_MODES = ("heatmap", "ones")
-# jax.checkpoint_policies for the rematerialised gradient steps (fnf_jax/sampling.py):
-# nothing_saveable keeps only each step's inputs and recomputes the UNet (least memory);
-# dots_with_no_batch_dims_saveable keeps weight-side matmul outputs; dots_saveable keeps every
-# matmul output (fastest backward, most memory).
+# jax.checkpoint_policies for the gradient steps (fnf_jax/sampling.py): what one step's forward
+# keeps for its backward. nothing_saveable keeps only the step's input and recomputes the UNet
+# (least memory; in the training step's per-step VJPs the first evaluation is then dropped, so
+# the UNet still runs once); dots_with_no_batch_dims_saveable keeps weight-side matmul outputs;
+# dots_saveable keeps every matmul output (most memory).
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 # The objective (fnf_jax/objective.py) and the heatmap -> mask chain (fnf_jax/rewards/masks.py).

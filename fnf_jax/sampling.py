@@ -64,6 +64,18 @@ def step_fn(denoise: Denoiser, cfg: schedulers.DDIMConfig, num_steps: int, eta: 
   return body
 
 
+def _schedule(cfg: schedulers.DDIMConfig, x_T: jax.Array, num_steps: int, k: int, eta: float,
+              noise: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(timesteps [S], sampler noise [S, ...]) after checking K and the noise eta needs."""
+  if not 0 <= k <= num_steps:
+    raise ValueError(f"grad_steps (K) must be in [0, {num_steps}], got {k}")
+  if eta > 0 and noise is None:
+    raise ValueError("eta > 0 needs explicit sampler noise of shape [num_steps, *x_T.shape]")
+  if noise is None:
+    noise = jnp.zeros((num_steps,) + (1,) * x_T.ndim, x_T.dtype)  # never read when eta == 0
+  return jnp.asarray(schedulers.timesteps(cfg, num_steps)), noise
+
+
 def sample(denoise: Denoiser, x_T: jax.Array, cfg: schedulers.DDIMConfig, *, num_steps: int,
            eta: float = 0.0, noise: jax.Array | None = None, grad_steps: int = 0,
            remat_policy: str = "nothing_saveable", aux_fn: AuxFn | None = None,
@@ -87,13 +99,7 @@ def sample(denoise: Denoiser, x_T: jax.Array, cfg: schedulers.DDIMConfig, *, num
       stop-gradient parameters (default: `denoise`), so that those steps keep nothing for the
       backward pass without relying on dead-code elimination.
   """
-  if not 0 <= grad_steps <= num_steps:
-    raise ValueError(f"grad_steps (K) must be in [0, {num_steps}], got {grad_steps}")
-  if eta > 0 and noise is None:
-    raise ValueError("eta > 0 needs explicit sampler noise of shape [num_steps, *x_T.shape]")
-  ts = jnp.asarray(schedulers.timesteps(cfg, num_steps))
-  if noise is None:
-    noise = jnp.zeros((num_steps,) + (1,) * x_T.ndim, x_T.dtype)  # never read when eta == 0
+  ts, noise = _schedule(cfg, x_T, num_steps, grad_steps, eta, noise)
   x, aux = x_T, None
   split = num_steps - grad_steps
   if split > 0:
@@ -143,13 +149,7 @@ def trajectory(denoise: Denoiser, x_T: jax.Array, cfg: schedulers.DDIMConfig, *,
                keep: int = 0) -> tuple[jax.Array, jax.Array]:
   """DDIM from x_T in one scan, without gradient: (x_0, the inputs x_t of the last `keep`
   steps [keep, B, h, w, C], in step order), what `backprop` starts from."""
-  if not 0 <= keep <= num_steps:
-    raise ValueError(f"keep (K) must be in [0, {num_steps}], got {keep}")
-  if eta > 0 and noise is None:
-    raise ValueError("eta > 0 needs explicit sampler noise of shape [num_steps, *x_T.shape]")
-  ts = jnp.asarray(schedulers.timesteps(cfg, num_steps))
-  if noise is None:
-    noise = jnp.zeros((num_steps,) + (1,) * x_T.ndim, x_T.dtype)
+  ts, noise = _schedule(cfg, x_T, num_steps, keep, eta, noise)
   one = step_fn(denoise, cfg, num_steps, eta)
   split = num_steps - keep
 

@@ -9,7 +9,6 @@ import pytest
 
 from configs import violence
 from fnf_jax import random_models
-from fnf_jax import step_pieces
 from fnf_jax import train_step
 from fnf_jax.data import examples
 from fnf_jax.rewards import registry
@@ -44,7 +43,7 @@ def _setup(pipe, **changes):
 @pytest.mark.parametrize("changes", [
     # DRaFT-K (K = 1 of 2) with the latent term and stochastic DDIM (the sampler's noise)
     {"train.grad_steps": 1, "objective.gamma": 1.0, "sampling.eta": 1.0},
-    {"train.gradient": "full"},  # K = S
+    pytest.param({"train.gradient": "full"}, marks=pytest.mark.slow),  # K = S
     {"train.gradient": "lv", "train.lv_copies": 2, "objective.gamma": 1.0},  # DRaFT-LV
 ], ids=["truncated", "full", "lv"])
 def test_pieces_give_the_gradient_of_the_loss(pipe, changes):

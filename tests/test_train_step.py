@@ -1,48 +1,11 @@
-"""Code paths of the step that the loop tests do not take: DRaFT-LV, the latent term, accumulation."""
+"""Code paths of the step that the loop tests do not take: accumulation (DRaFT-LV and the
+latent term: tests/test_step_pieces.py)."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from configs import violence
 from fnf_jax import optimizer
-from fnf_jax import random_models
-from fnf_jax import train_step
-from fnf_jax.data import examples
-from fnf_jax.rewards import registry
-
-
-def test_lv_with_latent_term_gives_finite_lora_gradients():
-  c = violence.get_config("runlocal")
-  c.sampling.num_steps = 2
-  c.train.gradient = "lv"
-  c.train.lv_copies = 2
-  c.objective.gamma = 1.0
-  pipe = random_models.random_pipeline(0)
-  reward = registry.build(c.reward)
-  step = train_step.build(pipe, reward, c)
-  frozen = {**pipe.params, "reward": reward.params}
-  chunk = examples.make_examples(["a red circle", "a blue square"], 1, 0)
-  batch = examples.host_batch(pipe, chunk, negative_prompt="", num_steps=2, eta=0.0)
-  batch.pop("index")
-  state = step.init_state(jax.random.key(0), frozen["unet"])
-  # Non-zero LoRA so that the fine-tuned model differs from the frozen one.
-  lora = jax.tree.map(lambda x: x + 0.05, state.lora)
-
-  @jax.jit
-  def grads(lora):
-    ref, mask = step.reference(frozen, batch)
-    (_, (metrics, images)), g = jax.value_and_grad(step.loss, has_aux=True)(
-        lora, frozen, batch, jax.random.key(1), ref, mask)
-    return g, metrics, images
-
-  g, metrics, images = grads(lora)
-  assert images.shape == (4, 16, 16, 3)  # copies x batch
-  assert float(metrics["latent_term"]) > 0
-  norm = float(optax.global_norm(g))
-  assert np.isfinite(norm) and norm > 0
 
 
 def test_gradient_accumulation_averages_micro_steps():

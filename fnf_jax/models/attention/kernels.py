@@ -99,8 +99,11 @@ def _active_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     return mesh
-  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  return mesh_lib.thread_resources.env.physical_mesh
+  try:
+    from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    return mesh_lib.thread_resources.env.physical_mesh
+  except (ImportError, AttributeError):  # a jax without the legacy context: none is active
+    return mesh
 
 
 def _batch_split(batch: int):
