@@ -125,6 +125,12 @@ def eval_images(pipe, s: Sampler, lora_scale: float, lora, frozen, batch) -> jax
   return pipe.decode(frozen["vae"], x0)
 
 
+def objective_mask(obj_cfg, region):
+  """The mask the objective uses: the reward's region M of Î0, or 1 everywhere when
+  objective.mask = "ones" (DRaFT)."""
+  return jnp.ones_like(region) if obj_cfg.mask == "ones" else region
+
+
 def image_loss(pipe, reward: registry.Reward, s: Sampler, obj_cfg, frozen, batch, x0,
                reference_images, region, latent_term=None):
   """The objective at the final latents x_0 [copies · B, ...]: decode, reward, the constraint
@@ -132,7 +138,7 @@ def image_loss(pipe, reward: registry.Reward, s: Sampler, obj_cfg, frozen, batch
 
   `region` is the reward's mask M of Î0; the objective uses it, or 1 everywhere when
   objective.mask = "ones", and the change metrics are measured against it either way."""
-  mask = jnp.ones_like(region) if obj_cfg.mask == "ones" else region
+  mask = objective_mask(obj_cfg, region)
   images = pipe.decode(frozen["vae"], x0)
   copies = s.copies
   tile = lambda x: jnp.concatenate([x] * copies, axis=0)

@@ -99,7 +99,7 @@ def lora_grads(pipe, s, obj_cfg, lora_scale: float, lora, frozen, batch,
                sampled: Sampled, g_x0, region) -> tuple[Any, jax.Array]:
   """The LoRA's gradient back through the steps that carry gradient, from x_0's (and, with
   γ > 0, the latent term's) gradient; and the latent term's value (0 with γ = 0)."""
-  mask = jnp.ones_like(region) if obj_cfg.mask == "ones" else region
+  mask = method.objective_mask(obj_cfg, region)
   aux_fn = method.latent_term_fn(pipe, s, obj_cfg.gamma, frozen, batch, sampled.cond, mask)
   ts, noise, eta = gradient_schedule(pipe, s, batch)
 

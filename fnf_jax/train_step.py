@@ -76,7 +76,7 @@ def loss(pipe, reward: registry.Reward, s: Sampler, obj_cfg, lora_scale: float, 
 
   This is the definition: differentiated by JAX end to end (through the sampler's last K steps,
   rematerialised). The training step computes its gradient in pieces instead (step_pieces)."""
-  mask = jnp.ones_like(region) if obj_cfg.mask == "ones" else region
+  mask = method.objective_mask(obj_cfg, region)
   x0, aux = generate(pipe, s, obj_cfg.gamma, lora_scale, lora, frozen, batch, rng, mask)
   return method.image_loss(pipe, reward, s, obj_cfg, frozen, batch, x0, reference_images, region,
                            latent_term=aux)

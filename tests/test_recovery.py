@@ -256,8 +256,9 @@ def test_a_full_disk_stops_in_one_line_and_the_earlier_checkpoints_restore(tmp_p
 
   with _tmpfs(tmp_path / "disk", "size=2500k") as disk:
     workdir = str(disk / "run")
+    # The compilation cache off: by default it sits beside the workdir, on this small disk.
     proc = _main(workdir, "--config.train.num_steps=20", "--config.checkpoint.keep=10",
-                 "--config.log.image_every=0")
+                 "--config.log.image_every=0", "--config.compile.cache_dir=")
     assert proc.returncode == 1, proc.stderr[-3000:]
     (fatal,) = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
     assert re.search(rf"FATAL: {workdir}/checkpoints: [\d,]+ bytes free, a checkpoint needs "
