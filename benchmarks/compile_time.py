@@ -14,7 +14,7 @@ configs' memory settings (attention `auto`, UNet and VAE block remat). Pieces (s
   lora_grads   back through the K gradient steps, one VJP per step
   update       the optimizer and the non-finite guard
   step         the train step as the training loop compiles it (step_program.compile_step:
-               the four pieces lowered in turn, then compiled concurrently); wall time
+               each piece compiled on a thread while the next is traced); wall time
   one_program  `jax.jit(step.train_step)`: the same step as one program
 
 Each piece is traced and lowered (`lower_s`) and compiled by XLA (`compile_s`), timed apart.

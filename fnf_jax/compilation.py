@@ -1,5 +1,5 @@
 """Compiling: JAX's persistent compilation cache, XLA flags, and programs compiled ahead of time,
-concurrently, with how long it took and whether the cache served them.
+each while the next is traced, with how long it took and whether the cache served them.
 
 The config block (every job's config has it):
 
@@ -103,24 +103,50 @@ def cache_outcome(before: tuple[int, int]) -> str:
   return "hit" if served == asked else "miss" if served == 0 else f"{served} of {asked} hit"
 
 
+class Compiler:
+  """Programs compiled while the next one is traced: `add` lowers a program (Python, holding
+  the GIL) and hands it at once to a thread that compiles it (XLA releases the GIL), so XLA
+  works on one piece while the caller traces the next; `finish` waits for all of them.
+
+    compiler = Compiler("the train step")
+    compiler.add("forward", jax.jit(f).trace(...))   # or (jitted, abstract args)
+    compiled, info = compiler.finish()
+
+  info: {"seconds", "lower_seconds", "cache"}; cache is "hit" (all from the persistent cache),
+  "miss" (all compiled), "k of n hit" or "off". `since`: the time.perf_counter() at which the
+  caller began (its own tracing counts as compiling)."""
+
+  def __init__(self, what: str, since: float | None = None):
+    _listen()
+    self.what = what
+    self.tic = time.perf_counter() if since is None else since
+    self.lower_seconds = 0.0
+    self._before = cache_counts()
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+    self._futures = {}
+
+  def add(self, name: str, program) -> None:
+    lowered = program.lower() if hasattr(program, "lower") else program[0].lower(*program[1])
+    # Wall time until the last program is lowered: the caller's tracing included.
+    self.lower_seconds = time.perf_counter() - self.tic
+    self._futures[name] = self._pool.submit(lowered.compile)
+
+  def finish(self) -> tuple[dict, dict]:
+    try:
+      compiled = {name: f.result() for name, f in self._futures.items()}
+    finally:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - self.tic
+    cache = cache_outcome(self._before)
+    logging.info("compiled %s (%d programs) in %.1f s (cache %s; tracing and lowering %.1f s)",
+                 self.what, len(compiled), seconds, cache, self.lower_seconds)
+    return compiled, {"seconds": seconds, "lower_seconds": self.lower_seconds, "cache": cache}
+
+
 def compile_all(programs: dict, what: str, since: float | None = None) -> tuple[dict, dict]:
-  """Compiles {name: (jitted, abstract args)} or {name: traced} (`jax.jit(f).trace(...)`):
-  each lowered in turn here (tracing holds the GIL), then all compiled at once on threads
-  (XLA releases it). Logs and returns
-  ({name: compiled}, {"seconds", "lower_seconds", "cache"}); cache is "hit" (all from the
-  persistent cache), "miss" (all compiled), "k of n hit" or "off". `since`: the
-  time.perf_counter() at which the caller began (its own tracing counts as compiling)."""
-  _listen()
-  tic = time.perf_counter() if since is None else since
-  lowered = {name: p.lower() if hasattr(p, "lower") else p[0].lower(*p[1])
-             for name, p in programs.items()}
-  lower_s = time.perf_counter() - tic
-  before = cache_counts()
-  with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered) or 1) as pool:
-    futures = {name: pool.submit(low.compile) for name, low in lowered.items()}
-    compiled = {name: f.result() for name, f in futures.items()}
-  seconds = time.perf_counter() - tic
-  cache = cache_outcome(before)
-  logging.info("compiled %s (%d programs) in %.1f s (cache %s; tracing and lowering %.1f s)",
-               what, len(compiled), seconds, cache, lower_s)
-  return compiled, {"seconds": seconds, "lower_seconds": lower_s, "cache": cache}
+  """Compiles {name: (jitted, abstract args)} or {name: traced} (`jax.jit(f).trace(...)`) with
+  a Compiler: ({name: compiled}, info)."""
+  compiler = Compiler(what, since)
+  for name, program in programs.items():
+    compiler.add(name, program)
+  return compiler.finish()

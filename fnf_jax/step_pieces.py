@@ -13,7 +13,7 @@ Why pieces: compiling. As one program the step held the UNet's forward three tim
 no-gradient steps, the gradient steps' forward, their recomputation in the backward) and XLA's
 compile time grows with program size; here the forward is compiled once for all S sampling
 steps, the gradient steps are one VJP per step from the inputs `forward` kept
-(sampling.backprop), and the four programs compile concurrently. The result is the gradient of
+(sampling.backprop), and each program compiles while the next is traced. The result is the gradient of
 `train_step.loss` (tests/test_step_pieces.py checks it against autodiff, every gradient mode).
 """
 

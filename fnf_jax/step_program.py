@@ -1,6 +1,6 @@
 """The train step as the training loop runs it: each piece of step_pieces jitted with explicit
-shardings, all compiled ahead of time together (fnf_jax/compilation.py), then run in order by
-the same `step_pieces.run` that defines the step.
+shardings and compiled ahead of time on a thread while the next piece is traced
+(compilation.Compiler), then run in order by the same `step_pieces.run` that defines the step.
 
 The pieces hand each other small arrays (the final latents, the K gradient steps' inputs, the
 prompts' conditioning, d loss / d x_0), sharded over the batch like the batch itself; the LoRA,
@@ -45,11 +45,12 @@ def compile_step(step, mesh, rules, *, online_reference: bool, state, state_shar
   frozen_spec = _specs(frozen, frozen_shardings)
   rng_spec = jax.ShapeDtypeStruct(np.shape(rng), rng.dtype, sharding=repl)
   lora_spec = state_spec.lora
-  traced = {}
+  compiler = compilation.Compiler("the train step", since=tic)
 
   def trace(name, fn, out_shardings, *args, donate=()):
-    traced[name] = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate).trace(*args)
-    return _specs(traced[name].out_info, out_shardings)
+    traced = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate).trace(*args)
+    compiler.add(name, traced)  # compiles on a thread while the next piece is traced
+    return _specs(traced.out_info, out_shardings)
 
   if online_reference:
     ref_spec = trace("reference", p.reference, b0, frozen_spec, batch_spec)
@@ -63,7 +64,7 @@ def compile_step(step, mesh, rules, *, online_reference: bool, state, state_shar
                         sampled, g_x0, ref_spec[1])
   trace("update", p.update, (state_shardings, repl), state_spec, grads, metrics, latent,
         donate=(0,))
-  compiled, info = compilation.compile_all(traced, "the train step", since=tic)
+  compiled, info = compiler.finish()
   for name, program in compiled.items():
     _log_memory(name, program)
   pieces = step_pieces.Pieces(

@@ -67,3 +67,38 @@ def test_xla_flags_are_appended(monkeypatch):
                                      "--xla_gpu_autotune_level=0")
   compilation.add_xla_flags("")
   assert os.environ["XLA_FLAGS"].endswith("level=0")
+
+
+class _Program:
+  """Stands for a traced program: lower() -> itself; compile() records that it ran and waits
+  until the test lets it finish."""
+
+  def __init__(self, name, events, release):
+    self.name, self.events, self.release = name, events, release
+
+  def lower(self):
+    self.events.append(f"lower {self.name}")
+    return self
+
+  def compile(self):
+    self.events.append(f"compile {self.name}")
+    assert self.release.wait(timeout=120)
+    return self.name
+
+
+def test_each_program_compiles_while_the_next_is_traced():
+  import threading  # pylint: disable=g-import-not-at-top
+  events, release = [], threading.Event()
+  compiler = compilation.Compiler("two fakes")
+  compiler.add("a", _Program("a", events, release))
+  # The caller would now trace "b": "a" is compiling already, before finish() is called.
+  for _ in range(1200):
+    if "compile a" in events:
+      break
+    threading.Event().wait(0.1)
+  assert events == ["lower a", "compile a"]
+  compiler.add("b", _Program("b", events, release))
+  release.set()
+  compiled, info = compiler.finish()
+  assert compiled == {"a": "a", "b": "b"} and info["cache"] == "off"
+  assert events.index("lower b") > events.index("compile a")
