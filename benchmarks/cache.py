@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 import violence  # noqa: E402  (configs/)
-from fnf_jax import reference  # noqa: E402
+from fnf_jax.fnf import reference_cache as reference  # noqa: E402
 from fnf_jax.data import examples as examples_lib  # noqa: E402
 
 BATCH = 8

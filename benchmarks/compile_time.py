@@ -37,9 +37,9 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 import memory  # noqa: E402  (benchmarks/memory.py: the abstract SD1.5 setting)
-from fnf_jax import compilation  # noqa: E402
-from fnf_jax import sharding  # noqa: E402
-from fnf_jax import step_program  # noqa: E402
+from fnf_jax.runtime import compilation  # noqa: E402
+from fnf_jax.runtime import sharding  # noqa: E402
+from fnf_jax.fnf import step_program  # noqa: E402
 
 PIECES = ("reference", "forward", "image_grads", "lora_grads", "update", "step", "one_program")
 

@@ -44,10 +44,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import focus_n_fix  # noqa: E402  (configs/)
-from fnf_jax import method  # noqa: E402
-from fnf_jax import random_models  # noqa: E402
-from fnf_jax import sampling  # noqa: E402
-from fnf_jax import train_step  # noqa: E402
+from fnf_jax.fnf import method  # noqa: E402
+from fnf_jax.diffusion import random_models  # noqa: E402
+from fnf_jax.diffusion import sampling  # noqa: E402
+from fnf_jax.fnf import train_step  # noqa: E402
 from fnf_jax.models import clip as clip_lib  # noqa: E402
 from fnf_jax.models import lora as lora_lib  # noqa: E402
 from fnf_jax.rewards import clip_base  # noqa: E402

@@ -1,4 +1,4 @@
-"""Benchmarks of the heatmap reward trainer (fnf_jax/train_reward.py): its data and its step.
+"""Benchmarks of the heatmap reward trainer (fnf_jax/jobs/train_reward.py): its data and its step.
 
   python benchmarks/reward_train.py data [--examples 256 --size 384 --batch 16 --workers 2]
   python benchmarks/reward_train.py step [--model tiny --batch 8 --iters 20]
@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from fnf_jax.data import reward_data  # noqa: E402
+from fnf_jax.data import reward_datasets  # noqa: E402
 from fnf_jax.data import richhf18k  # noqa: E402
 from fnf_jax.data import tfds_lib  # noqa: E402
 
@@ -39,7 +40,7 @@ def data(args) -> None:
                       image_size=512, map_size=512)
     builder, _ = tfds_lib.prepare(richhf18k.Richhf18k, data_dir=os.path.join(tmp, "data"),
                                   manual_dir=os.path.join(tmp, "manual"))
-    spec = reward_data.get("richhf18k")
+    spec = reward_datasets.get("richhf18k")
     decode = reward_data.Decode((args.size, args.size), (args.size, args.size),
                                 tuple(spec.heatmaps.items()), tuple(spec.scores.items()))
     batch_at = reward_data.TrainBatch(builder.as_data_source("train"), decode, args.batch,
@@ -62,8 +63,9 @@ def data(args) -> None:
 
 def step(args) -> None:
   import importlib.util  # pylint: disable=import-outside-toplevel
-  from fnf_jax import sharding, train_reward  # pylint: disable=import-outside-toplevel
-  from fnf_jax import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
+  from fnf_jax.rewards import training  # pylint: disable=import-outside-toplevel
+  from fnf_jax.runtime import sharding  # pylint: disable=import-outside-toplevel
+  from fnf_jax.runtime import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
   from fnf_jax.rewards import trainable  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("rahf_cfg", os.path.join(ROOT, "configs",
                                                                          "rahf.py"))
@@ -73,8 +75,8 @@ def step(args) -> None:
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
   model = _real_rahf(config) if args.model == "real" else trainable.build(config.model)
-  heads = reward_data.get("richhf18k")
-  run = train_reward.Setup(config, mesh, (("batch", ("data", "fsdp")),), None, [], model, None,
+  heads = reward_datasets.get("richhf18k")
+  run = training.Setup(config, mesh, (("batch", ("data", "fsdp")),), None, [], model, None,
                            model.heatmaps, model.scores)
   rng = np.random.default_rng(0)
   b = args.batch
@@ -85,10 +87,10 @@ def step(args) -> None:
           **{f"score/{k}": rng.random(b).astype(np.float32) for k in heads.scores}}
   opt = optimizer_lib.optimizer(config.optim)
   with mesh:
-    params = sharding.put(model.init(), train_reward.param_shardings(run))
+    params = sharding.put(model.init(), training.param_shardings(run))
     state = {"params": params, "opt_state": jax.jit(opt.init)(params), "step": np.int32(0)}
-    batch = train_reward.device_batch(run, host, b)
-    fn = jax.jit(train_reward.make_train_step(run, opt), donate_argnums=0)
+    batch = training.device_batch(run, host, b)
+    fn = jax.jit(training.make_train_step(run, opt), donate_argnums=0)
     tic = time.perf_counter()
     for _ in range(2):  # the second call compiles again: the first's outputs are laid out anew
       state, m = fn(state, batch)

@@ -35,10 +35,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from results import emit  # noqa: E402  (benchmarks/results.py)
-from fnf_jax import random_models  # noqa: E402
-from fnf_jax import sharding  # noqa: E402
-from fnf_jax import step_program  # noqa: E402
-from fnf_jax import train_step  # noqa: E402
+from fnf_jax.diffusion import random_models  # noqa: E402
+from fnf_jax.runtime import sharding  # noqa: E402
+from fnf_jax.fnf import step_program  # noqa: E402
+from fnf_jax.fnf import train_step  # noqa: E402
 from fnf_jax.rewards import registry  # noqa: E402
 
 MODELS = {"tiny": {}, "sd15": dict(unet=random_models.SD15_UNET, vae=random_models.SD15_VAE,
@@ -65,7 +65,7 @@ def parse_args(argv=None):
 def loop_benchmark(steps: int) -> None:
   import tempfile  # pylint: disable=g-import-not-at-top
   import violence  # pylint: disable=g-import-not-at-top  (configs/, on sys.path above)
-  from fnf_jax import train  # pylint: disable=g-import-not-at-top
+  from fnf_jax.jobs import train  # pylint: disable=g-import-not-at-top
 
   for name, prefetch, log_every in (("synchronous", 0, 1), ("overlapped", 2, 10)):
     c = violence.get_config("runlocal")

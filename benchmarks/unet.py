@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from results import emit  # noqa: E402  (benchmarks/results.py)
-from fnf_jax import random_models  # noqa: E402
+from fnf_jax.diffusion import random_models  # noqa: E402
 from fnf_jax.models import convert  # noqa: E402
 from fnf_jax.models import unet  # noqa: E402
 

@@ -1,15 +1,21 @@
-"""The shared Focus-N-Fix training config; violence.py, oversexualization.py and plausibility.py
-start from it and change the reward, the prompts and the mask. Every field is documented here.
+"""The shared Focus-N-Fix training config. violence.py, oversexualization.py, plausibility.py,
+alignment.py and toy.py start from `base_config` and change the reward, the prompts and the mask
+(draft.py from violence.py); rahf.py, sample.py and toy_pretrain.py take its blocks (`layout`,
+`compile_config`, `distributed_config`, ...). Every field is documented here.
 
 Not a run of its own: use one of those files (their docstrings hold the exact commands).
 """
 
 import ml_collections
 
+from fnf_jax.config import choices
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.job = "train"  # train | cache (compute the reference Î0, M for every example) | sample
+  # train | cache (compute the reference Î0, M of every example first) | eval (the trained LoRA
+  # against the base: fnf_jax/jobs/evaluate.py). Sampling is configs/sample.py's job.
+  c.job = "train"
   c.seed = 0  # seeds LoRA init, the data order and (with the prompt index) every example's x_T.
   c.distributed = distributed_config()
   c.compile = compile_config()
@@ -79,12 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.gradient = "truncated"  # truncated (DRaFT-K) | lv (DRaFT-LV) | full
   c.train.grad_steps = 2  # K for "truncated" (the paper: 2)
   c.train.lv_copies = 2  # n re-noised copies for "lv"
-  c.train.remat_policy = "nothing_saveable"  # see fnf_jax/sampling.py REMAT_POLICIES
+  c.train.remat_policy = "nothing_saveable"  # see fnf_jax/diffusion/sampling.py REMAT_POLICIES
   # cache: Î0 and M read from WORKDIR/reference (computed first when missing, or ahead with
   # job=cache) | online: sampled every step (twice the FLOPs).
   c.train.reference = "cache"
 
-  # The objective (fnf_jax/objective.py). DRaFT: objective.mask="ones", beta=gamma=0.
+  # The objective (fnf_jax/fnf/objective.py). DRaFT: objective.mask="ones", beta=gamma=0.
   c.objective = ml_collections.ConfigDict()
   c.objective.mask = "heatmap"  # heatmap (M from the reward's heatmap of Î0) | ones (M ≡ 1)
   c.objective.reward_region = "mask"  # mask (reward gradients only inside M) | full (paper's r(Î))
@@ -118,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cache.shard_size = 256  # examples per reference-cache shard
   c.cache.dtype = "float32"  # storage of Î0 and M: float32 (exact) | float16 (half the disk)
 
-  # The eval job (fnf_jax/eval_job.py, --config.job=eval): the held-out prompts sampled with
+  # The eval job (fnf_jax/jobs/evaluate.py, --config.job=eval): the held-out prompts sampled with
   # the base model and with each run's LoRA from the same x_T; report in WORKDIR/report.
   c.eval = ml_collections.ConfigDict()
   c.eval.runs = ()  # ("NAME=WORKDIR", ...) of runs of this config; () = --workdir itself
@@ -131,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.rewards = ml_collections.ConfigDict()
   # What says which images are problems: "" = c.reward, a key of c.eval.rewards (either: an
   # image is a problem when it scores below eval.judge_threshold), or an analytic judge's name
-  # (fnf_jax/judges.py: "toy" knows the toy world's rules; its other measures are reported too).
+  # (fnf_jax/evaluation/judges.py: "toy" knows the toy world's rules; its other measures are reported too).
   c.eval.judge = ""
   c.eval.judge_threshold = 0.0
   c.eval.grid_rows = 8  # examples in the report's grid (the base's largest masks first)
@@ -145,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def optim_config(*, lr: float, schedule: str, warmup_steps: int, decay_steps: int,
                  weight_decay: float) -> ml_collections.ConfigDict:
-  """The optimizer block (fnf_jax/optimizer.py), shared with configs/rahf.py."""
+  """The optimizer block (fnf_jax/runtime/optimizer.py), shared with configs/rahf.py."""
   o = ml_collections.ConfigDict()
   o.lr = lr
   o.schedule = schedule  # constant | cosine (after warm-up)
@@ -162,8 +168,7 @@ def optim_config(*, lr: float, schedule: str, warmup_steps: int, decay_steps: in
 def layout(c: ml_collections.ConfigDict) -> None:
   """Mesh axes (sizes; one may be -1 = the rest) and logical -> mesh axis rules."""
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.sharding_rules = (("batch", ("data", "fsdp")), ("mlp", "fsdp"), ("conv_out", "fsdp"),
-                      ("vocab", "fsdp"))
+  c.sharding_rules = choices.SHARDING_RULES  # fnf_jax/config/choices.py says what they do
 
 
 def checkpoint_config(*, every: int, keep: int) -> ml_collections.ConfigDict:
@@ -174,7 +179,7 @@ def checkpoint_config(*, every: int, keep: int) -> ml_collections.ConfigDict:
 
 
 def compile_config() -> ml_collections.ConfigDict:
-  """Compiling (fnf_jax/compilation.py): the persistent compilation cache and XLA flags.
+  """Compiling (fnf_jax/runtime/compilation.py): the persistent compilation cache and XLA flags.
 
   With the cache, a second run of the same config (a resume, a restart after preemption, the
   next run of a sweep) loads the step from disk: its log says "(cache hit)".
@@ -191,7 +196,7 @@ def compile_config() -> ml_collections.ConfigDict:
 
 
 def distributed_config() -> ml_collections.ConfigDict:
-  """Several processes (TPU pod slices, multi-node GPU jobs; fnf_jax/distributed.py).
+  """Several processes (TPU pod slices, multi-node GPU jobs; fnf_jax/runtime/distributed.py).
 
   Every process runs the same command. On TPU pods, GKE TPU jobs, SLURM and Open MPI leave the
   last three fields empty / 0 / -1: jax.distributed.initialize detects the cluster. Elsewhere

@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.draft = ml_collections.ConfigDict({"objective": {"mask": "ones", "reward_region": "full",
                                                      "beta": 0.0, "gamma": 0.0}})
 
-  # The evaluation is the eval job's (fnf_jax/eval_job.py); prompts.eval_fraction is 0, so it
+  # The evaluation is the eval job's (fnf_jax/jobs/evaluate.py); prompts.eval_fraction is 0, so it
   # samples every caption, at other seeds than training's.
   c.eval.seeds_per_prompt = 16  # 192 held-out images per method
   c.eval.seed_offset = 1_000_000  # eval examples use base seed seed + this: other x_T than training

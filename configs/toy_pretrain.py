@@ -4,7 +4,8 @@
 
 writes WORKDIR/pipeline (a diffusers-format folder: unet, vae, text_encoder, tokenizer,
 scheduler), WORKDIR/toy_defect.safetensors (the reward model), sample grids and
-sample_report.jsonl (the judge's colour / shape / defect rates on fresh samples). The shipped
+sample_report.jsonl (the judge's colour / shape / defect rates on fresh samples), and per
+stage (vae, reward, unet) WORKDIR/<stage>/ with its checkpoints and metrics.jsonl. The shipped
 weights are copies of those:
 
     rm -rf fnf_jax/assets/toy_pipeline
@@ -12,7 +13,8 @@ weights are copies of those:
     cp /tmp/toy_pretrain/toy_defect.safetensors fnf_jax/assets/
 
 On a 2-core CPU: VAE 11 min, reward 6 min, UNet 42 min (BENCHMARKS.md). A stopped run picks up
-from WORKDIR; `:runlocal` is the few-step variant the tests run.
+from WORKDIR (a finished stage is skipped, a stopped one resumes from its newest checkpoint);
+`:runlocal` is the few-step variant the tests run.
 """
 
 import os
@@ -30,10 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0  # parameter init and the noise / timestep / caption-dropout streams
   c.data_seed = 0  # the world's images: training uses indices from 0 up, evaluation 10**9 up
   c.defect_rate = 0.3  # share of training images with a blotch; the model should copy it
-  c.log_every = 100
-  c.save_every = 500  # UNet stage state (params, optimizer, EMA) for resuming
-  c.export_every = 1000  # EMA weights -> WORKDIR/pipeline, plus samples judged
+  c.export_every = 1000  # UNet stage: EMA weights -> WORKDIR/pipeline, plus samples judged
   c.compile = focus_n_fix.compile_config()  # the persistent compilation cache, XLA flags
+  # Each stage's checkpoints (its params and optimizer state; the UNet's EMA too), for resuming:
+  # WORKDIR/<stage>/checkpoints.
+  c.checkpoint = focus_n_fix.checkpoint_config(every=500, keep=2)
+  c.log = ml_collections.ConfigDict()  # WORKDIR/<stage>/metrics.jsonl and tensorboard/
+  c.log.every = 100
+  c.log.tensorboard = True
 
   c.vae = ml_collections.ConfigDict()
   c.vae.steps = 2000
@@ -70,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.guidance_scale = 3.0
 
   if arg == "runlocal":  # a few steps of everything, for tests
-    c.log_every = c.save_every = c.export_every = 2
+    c.log.every = c.checkpoint.every = c.export_every = 2
     c.vae.steps = c.unet.steps = c.reward.steps = 3
     c.vae.min_defect_recall = 0.0
     c.vae.batch_size = c.unet.batch_size = c.reward.batch_size = 4

@@ -1,7 +1,7 @@
 """Entry point for every job: `python -m fnf_jax.main --config=configs/<x>.py --workdir=DIR`.
 
 The config's `job` field names what runs (fnf_jax/jobs.py: sample, cache, train, and the jobs of
-plugins such as the toy world's). The config is validated first (fnf_jax/validate.py), before
+plugins such as the toy world's). The config is validated first (fnf_jax/config/validate.py), before
 anything heavy is imported. Nothing but this file reads flags.
 """
 
@@ -14,10 +14,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fnf_jax import compilation
-from fnf_jax import errors
+from fnf_jax.runtime import compilation
+from fnf_jax.config import errors
 from fnf_jax import jobs
-from fnf_jax import validate
+from fnf_jax.config import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration (a configs/*.py file).",
                                           lock_config=True)
@@ -35,8 +35,12 @@ class _QuietLibraries:
 
 
 def run_job(config, workdir: str):
-  """Validates `config`, then runs its job (the job's module is imported only now)."""
+  """Validates `config` (statically, then against the devices), then runs its job (the job's
+  module is imported only now)."""
   validate.validate(config)
+  # Imported only now: it needs jax, and a bad value must fail before jax loads.
+  from fnf_jax.runtime import preflight  # pylint: disable=import-outside-toplevel
+  preflight.check(config)
   compilation.setup(config.compile, workdir)
   return jobs.resolve(jobs.get(config.job).run)(config, workdir)
 

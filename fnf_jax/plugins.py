@@ -1,8 +1,9 @@
 """Packages that extend fnf_jax with jobs and rewards of their own.
 
-The core's job table (`fnf_jax.jobs`) and reward registry (`fnf_jax.rewards.registry`) import
-these on first lookup; each package's `__init__` registers what it brings (`jobs.add`,
-`registry.add`) and must stay light (no jax), so that a config can be validated in a second.
+The core's tables (each a `fnf_jax.registry.Registry`: jobs, judges, rewards, trainable models,
+reward datasets) import these on their first lookup; each package's `__init__` registers what it
+brings (`jobs.add`, `registry.add`, ...) and must stay light (no jax), so that a config can be
+validated in a second.
 This tuple is the only place the core names them.
 """
 

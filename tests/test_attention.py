@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnf_jax import choices
-from fnf_jax import random_models
+from fnf_jax.config import choices
+from fnf_jax.diffusion import random_models
 from fnf_jax.models import attention as attn
 from fnf_jax.models import t5 as t5_lib
 from fnf_jax.models import vit as vit_lib
@@ -359,7 +359,7 @@ def test_splash_under_a_mesh_runs_per_device():
   """8 fake devices, the batch sharded over them: one kernel per device on its rows (shard_map),
   the same numbers."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from fnf_jax import sharding  # pylint: disable=g-import-not-at-top
+  from fnf_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   q, k, v = _qkv(128, 77, batch=8)

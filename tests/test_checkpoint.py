@@ -13,9 +13,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fnf_jax import checkpoint
-from fnf_jax.sharding import make_mesh
-from fnf_jax.train_step import TrainState
+from fnf_jax.runtime import checkpoint
+from fnf_jax.runtime.sharding import make_mesh
+from fnf_jax.fnf.train_step import TrainState
 
 
 @jax.jit  # one compile instead of dozens of eager op compiles: keeps the test fast on 2 cores

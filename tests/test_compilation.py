@@ -1,4 +1,4 @@
-"""Compiling (fnf_jax/compilation.py): the persistent cache's folder, XLA flags, and a second
+"""Compiling (fnf_jax/runtime/compilation.py): the persistent cache's folder, XLA flags, and a second
 process that loads its programs from the cache instead of compiling them."""
 
 import json
@@ -8,14 +8,14 @@ import sys
 
 import ml_collections
 
-from fnf_jax import compilation
+from fnf_jax.runtime import compilation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, ml_collections
-from fnf_jax import compilation
+from fnf_jax.runtime import compilation
 cfg = ml_collections.ConfigDict({"cache_dir": sys.argv[1], "min_compile_secs": 0.0,
                                  "xla_flags": ""})
 compilation.setup(cfg, "/unused")

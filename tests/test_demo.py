@@ -35,7 +35,7 @@ def metrics(tmp_path_factory):
 
 
 def test_metrics_json_has_every_method_and_field(metrics):
-  # The eval job's metrics (fnf_jax/eval_job.py), the toy judge's measures among them.
+  # The eval job's metrics (fnf_jax/jobs/evaluate.py), the toy judge's measures among them.
   assert metrics["judge"]["name"] == "toy"
   for method in ("base", "draft", "fnf"):
     for key in ("problem_rate", "psnr_outside", "ssim_outside", "change_inside",

@@ -3,6 +3,7 @@ pretraining job (a few steps of each stage) and the demo's method configs."""
 
 import json
 import os
+import signal
 import sys
 
 import jax
@@ -10,16 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnf_jax import eval_job
-from fnf_jax import eval_report
-from fnf_jax import evaluation
+from fnf_jax.jobs import evaluate as eval_job
+from fnf_jax.evaluation import report as eval_report
+from fnf_jax.evaluation import metrics as evaluation
 from fnf_jax import main as main_lib
-from fnf_jax import pipeline
+from fnf_jax.diffusion import pipeline
 from fnf_jax.data import examples as examples_lib
+from fnf_jax.diffusion import random_models
+from fnf_jax.models import vae as vae_lib
 from fnf_jax.rewards import registry
+from fnf_jax.runtime import loop as loop_lib
 from fnf_jax.toy import demo
-from fnf_jax.toy import judge
 from fnf_jax.toy import methods
+from fnf_jax.toy import models as toy_models
+from fnf_jax.toy import pretrain
 from fnf_jax.toy import reward as toy_defect
 from fnf_jax.toy import world as toy_world
 
@@ -156,23 +161,118 @@ def test_draft_config_is_fnf_with_ones_mask():
     methods.method_config(c, "draft")
 
 
+def _batches(monkeypatch, stops=()) -> list:
+  """Records the (stage, step) of every training batch the pretrain job makes; while making
+  the batch of a (stage, step) in `stops` (once each) it sends this process SIGTERM, as a
+  preemption would: the loop then saves that step's checkpoint and raises `Preempted`."""
+  made, pending, original = [], set(stops), pretrain.images_batch
+
+  def images_batch(step, batch_size, cfg, defect_rate=None, offset=0):
+    # The stages' slices of the world: the reward's from 10**8 up, the UNet's at its defect rate.
+    stage = "reward" if offset else "unet" if defect_rate is None else "vae"
+    made.append((stage, step))
+    if (stage, step) in pending:
+      pending.discard((stage, step))
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(step, batch_size, cfg, defect_rate, offset)
+
+  monkeypatch.setattr(pretrain, "images_batch", images_batch)
+  return made
+
+
+def _steps(folder) -> list[int]:
+  """The checkpoint steps in a stage's folder."""
+  return sorted(int(n) for n in os.listdir(os.path.join(folder, "checkpoints")) if n.isdigit())
+
+
+def _same_bytes(a, b, names) -> None:
+  for name in names:
+    assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_stopped_pretrain_stage_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path,
+                                                                                monkeypatch):
+  """The reward stage on the shared loop (runlocal: 3 steps, checkpoints every 2): SIGTERM
+  during step 1 saves step 1 and stops; the next run resumes there (steps 2 and 3 only) and
+  writes the same weights as a run that was not stopped; a finished stage is not trained again."""
+  config = toy_pretrain.get_config("runlocal")
+  vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(toy_models.vae_config()))
+  abstract = jax.eval_shape(vae.init, jax.random.key(0), vae_lib.dummy_images(vae.config))
+  vae_params = jax.tree.map(jnp.asarray, random_models.init_params(abstract["params"], 0))
+  monkeypatch.setattr(pretrain, "reward_report", lambda *a, **k: {})  # 512 images: slow
+  whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+  pretrain.train_reward(config, str(whole), vae_params)
+  assert _steps(whole / "reward") == [2, 3]
+
+  made = _batches(monkeypatch, stops=[("reward", 0)])
+  with pytest.raises(loop_lib.Preempted) as stop:
+    pretrain.train_reward(config, str(stopped), vae_params)
+  assert stop.value.step == 1 and stop.value.code == 143
+  assert _steps(stopped / "reward") == [1] and not (stopped / "toy_defect.safetensors").exists()
+  del made[:]
+  pretrain.train_reward(config, str(stopped), vae_params)
+  assert made == [("reward", 1), ("reward", 2)]  # resumed at step 1, not started over
+  _same_bytes(whole, stopped, ["toy_defect.safetensors"])
+  logged = [json.loads(l)["step"] for l in open(stopped / "reward" / "metrics.jsonl")]
+  assert logged == [json.loads(l)["step"] for l in open(whole / "reward" / "metrics.jsonl")]
+  del made[:]
+  pretrain.train_reward(config, str(stopped), vae_params)  # finished: read back
+  assert made == []
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A workdir of the whole `pretrain` job (runlocal), run without a stop."""
+  folder = tmp_path_factory.mktemp("pretrained")
+  main_lib.run_job(toy_pretrain.get_config("runlocal"), str(folder))
+  return folder
+
+
+WEIGHTS = ["vae.msgpack", "toy_defect.safetensors",
+           "pipeline/unet/diffusion_pytorch_model.safetensors",
+           "pipeline/vae/diffusion_pytorch_model.safetensors",
+           "pipeline/text_encoder/model.safetensors"]
+
+
 # ~50-100 s: the one-time job that made the shipped toy model (fnf_jax/assets); the shipped
 # model itself is loaded and used by the fast tests. `make test-slow`.
 @pytest.mark.slow
-def test_pretrain_job_runs_every_stage(tmp_path):
+def test_pretrain_job_runs_every_stage(pretrained, monkeypatch):
   """`python -m fnf_jax.main --config=configs/toy_pretrain.py:runlocal`: a few steps of each stage
   give a folder that pipeline.load reads, reward weights, and the judge's sample report."""
-  config = toy_pretrain.get_config("runlocal")
-  main_lib.run_job(config, str(tmp_path))
-  pipe = pipeline.load(str(tmp_path / "pipeline"))
+  pipe = pipeline.load(str(pretrained / "pipeline"))
   assert pipe.image_size == 32 and pipe.latent_shape == (16, 16, 4)
   assert pipe.vae.config.scaling_factor != 1.0  # set from the trained encoder's latents
-  toy_defect.load(str(tmp_path / "toy_defect.safetensors"))
-  reports = [json.loads(l) for l in open(tmp_path / "sample_report.jsonl")]
+  toy_defect.load(str(pretrained / "toy_defect.safetensors"))
+  reports = [json.loads(l) for l in open(pretrained / "sample_report.jsonl")]
   assert [r["step"] for r in reports] == [2, 3] and reports[-1]["images"] == 12
-  vae_report = json.load(open(tmp_path / "vae_report.json"))
+  vae_report = json.load(open(pretrained / "vae_report.json"))
   assert 0 <= vae_report["defect_recall"] <= 1
-  # A second run resumes: every stage's output is there, nothing is trained again.
-  before = os.path.getmtime(tmp_path / "unet_state.msgpack")
+  for stage in ("vae", "reward", "unet"):  # checkpoints every 2 steps and at the end
+    assert _steps(pretrained / stage) == [2, 3], stage
+  # A second run: every stage's output is there, nothing is trained again.
+  made, before = _batches(monkeypatch), os.path.getmtime(pretrained / "unet" / "checkpoints")
+  main_lib.run_job(toy_pretrain.get_config("runlocal"), str(pretrained))
+  assert made == [] and os.path.getmtime(pretrained / "unet" / "checkpoints") == before
+  assert len(open(pretrained / "sample_report.jsonl").readlines()) == 2
+
+
+# ~60-200 s: the job stopped by SIGTERM in two stages and run again until it ends.
+@pytest.mark.slow
+def test_a_stopped_pretrain_job_ends_as_an_uninterrupted_one(pretrained, tmp_path, monkeypatch):
+  """SIGTERM during the VAE's first step, then during the UNet's: each run saves and exits with
+  status 143, the next resumes that stage from its checkpoint (the UNet's export at step 2 then
+  happens in the resumed run), and the weights and sample reports are byte for byte those of
+  the run that was not stopped."""
+  config = toy_pretrain.get_config("runlocal")
+  made = _batches(monkeypatch, stops=[("vae", 0), ("unet", 0)])
+  for stage in ("vae", "unet"):
+    with pytest.raises(loop_lib.Preempted) as stop:
+      main_lib.run_job(config, str(tmp_path))
+    assert stop.value.step == 1 and _steps(tmp_path / stage) == [1], stage
+  assert made.count(("vae", 0)) == made.count(("unet", 0)) == 1  # resumed, not started over
+  assert ("vae", 1) in made and not (tmp_path / "sample_report.jsonl").exists()
   main_lib.run_job(config, str(tmp_path))
-  assert os.path.getmtime(tmp_path / "unet_state.msgpack") == before
+  assert made.count(("unet", 0)) == 1 and made[-2:] == [("unet", 1), ("unet", 2)]
+  _same_bytes(pretrained, tmp_path, WEIGHTS + ["vae_report.json", "sample_report.jsonl",
+                                               "samples_000002.png", "samples_000003.png"])

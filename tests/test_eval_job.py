@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from fnf_jax import eval_job
+from fnf_jax.jobs import evaluate as eval_job
 from fnf_jax import main
-from fnf_jax import validate
+from fnf_jax.config import validate
 from fnf_jax.data import prompts as prompts_lib
 from test_configs import load
 

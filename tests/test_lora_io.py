@@ -15,13 +15,13 @@ import torch
 from flax import traverse_util
 from PIL import Image
 
-from fnf_jax import checkpoint
-from fnf_jax import pipeline
-from fnf_jax import random_models
-from fnf_jax import record
-from fnf_jax import train
-from fnf_jax import train_step
-from fnf_jax import validate
+from fnf_jax.runtime import checkpoint
+from fnf_jax.diffusion import pipeline
+from fnf_jax.diffusion import random_models
+from fnf_jax.runtime import resume as record
+from fnf_jax.fnf import run as run_lib
+from fnf_jax.jobs import train
+from fnf_jax.config import validate
 from fnf_jax.data import examples
 from fnf_jax.models import lora as lora_lib
 from fnf_jax.models import lora_io
@@ -234,14 +234,14 @@ def test_lora_init_of_another_rank_or_other_layers_is_refused(ours, exported):
   cfg = lambda **kw: ml_collections.ConfigDict(
       {"rank": RANK, "alpha": ALPHA, "targets": lora_lib.DEFAULT_TARGETS, "init": exported[1],
        **kw})
-  start = train_step.start_lora(cfg(), unet)
+  start = lora_io.start(cfg(), unet)
   _assert_same_tree(start, exported[0])
   with pytest.raises(validate.ConfigError, match=r"attn1/to_k has rank 4 \(lora_a \((\d+), 4\) "
                      r"\[in, r\]\), but config.lora.rank = 8 needs \(\1, 8\)"):
-    train_step.start_lora(cfg(rank=8), unet)
+    lora_io.start(cfg(rank=8), unet)
   with pytest.raises(validate.ConfigError, match=r"its layers are not those config.lora.targets"
                      r" = 'attn1/to_q/kernel\$' selects: \d+ in the file only"):
-    train_step.start_lora(cfg(targets=r"attn1/to_q/kernel$"), unet)
+    lora_io.start(cfg(targets=r"attn1/to_q/kernel$"), unet)
 
 
 def test_older_key_styles_and_alpha_sources(ours, exported, tmp_path, caplog):
@@ -298,8 +298,8 @@ def test_training_starts_from_lora_init(tmp_path):
   path = str(tmp_path / "start.safetensors")
   checkpoint.export_lora_safetensors(tree, path, alpha=ALPHA, rank=RANK)
   config.lora.init = path
-  run = train.setup(config)
-  state = jax.jit(run.step.init_state)(train.step_keys(config.seed)[0], run.frozen["unet"],
+  run = run_lib.setup(config)
+  state = jax.jit(run.step.init_state)(run_lib.step_keys(config.seed)[0], run.frozen["unet"],
                                        run.step.start)
   _assert_same_tree(jax.device_get(state.lora), tree)  # step 0 is the file's LoRA
   # Through the loop: the first step's learning rate is 0 (warm-up), so the final LoRA is the

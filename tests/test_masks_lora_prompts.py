@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fnf_jax import method
+from fnf_jax.fnf import method
 from fnf_jax.data import prompts
 from fnf_jax.models import lora
 from fnf_jax.rewards import masks
@@ -57,7 +57,7 @@ def test_gate_empties_clean_images_and_min_mask_area_keeps_the_others():
   :runlocal mask settings (top-10 % quantile, then the heatmap-peak gate) the clean images get
   empty masks, and data.min_mask_area selects exactly the problematic examples."""
   from configs import violence  # pylint: disable=import-outside-toplevel
-  from fnf_jax import train  # pylint: disable=import-outside-toplevel
+  from fnf_jax.fnf import run as run_lib  # pylint: disable=import-outside-toplevel
   from fnf_jax.data import examples as examples_lib  # pylint: disable=import-outside-toplevel
 
   config = violence.get_config("runlocal")
@@ -84,7 +84,7 @@ def test_gate_empties_clean_images_and_min_mask_area_keeps_the_others():
 
   examples = examples_lib.make_examples([f"p{i}" for i in range(8)], 1, 0)
   config.data.min_mask_area, config.train.reference = 0.01, "cache"
-  kept = train.select_examples(config, examples, Cached())
+  kept = run_lib.select_examples(config, examples, Cached())
   assert [e.index for e in kept] == list(np.nonzero(problematic)[0])
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnf_jax import random_models
+from fnf_jax.diffusion import random_models
 from fnf_jax.models import convert
 from fnf_jax.models import lora as lora_lib
 from fnf_jax.models import unet as unet_lib

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from fnf_jax import metrics
+from fnf_jax.runtime import log as metrics
 
 
 def _read_events(logdir):

@@ -1,4 +1,7 @@
-"""The Focus-N-Fix objective: where reward gradients act, and the regional constraint."""
+"""The Focus-N-Fix objective: where reward gradients act, the regional constraint, and how the
+weights w, β, γ combine the terms."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fnf_jax import objective
+from configs import focus_n_fix
+from fnf_jax.fnf import objective
 
 
 def _images(seed=0, shape=(2, 8, 8, 3)):
@@ -50,12 +54,18 @@ def test_constraint_ignores_inside_and_is_zero_at_reference(norm):
   assert np.all(np.isfinite(g)) and np.all(np.asarray(g) == 0.0)
 
 
+def _objective(**changes):
+  fields = dict(mask="heatmap", reward_region="mask", reward_weight=1.0, beta=0.0,
+                constraint_norm="fro", gamma=0.0)
+  return objective.Objective(**{**fields, **changes})
+
+
 def test_draft_is_the_same_code_with_ones_mask_and_no_constraint():
-  cfg = ml_collections.ConfigDict(dict(beta=0.0, gamma=0.0, constraint_norm="fro", reward_weight=1.0))
+  obj = _objective(mask="ones", reward_region="full")
   images, ref = _images(2), _images(3)
   ones = jnp.ones(images.shape[:3])
   rewards = _reward(objective.reward_input(images, ones, "mask"))
-  total, metrics = objective.loss(rewards=rewards, images=images, reference=ref, mask=ones, cfg=cfg)
+  total, metrics = objective.loss(rewards=rewards, images=images, reference=ref, mask=ones, obj=obj)
   np.testing.assert_allclose(total, -jnp.mean(_reward(images)), rtol=1e-6)
   assert metrics["mask_area"] == 1.0
 
@@ -72,3 +82,76 @@ def test_bad_names_list_valid_values():
     objective.reward_input(_images(), _mask(), "everywhere")
   with pytest.raises(ValueError, match="fro_squared"):
     objective.regional_constraint(_images(), _images(), _mask(), "l1")
+
+
+# Two examples of 2 x 2 pixels: M covers the left column. Î differs from Î0 inside and outside.
+REFERENCE = np.array([[[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], [[0.7, 0.8, 0.9], [0.2, 0.4, 0.6]]],
+                      [[[0.3, 0.1, 0.2], [0.9, 0.8, 0.7]], [[0.5, 0.5, 0.5], [0.0, 0.1, 0.2]]]],
+                     np.float32)
+CHANGE = np.array([[[[0.5, -0.5, 0.5], [0.1, 0.0, -0.2]], [[0.9, 0.9, 0.9], [0.0, 0.3, 0.0]]],
+                   [[[-0.4, 0.0, 0.0], [0.0, -0.1, 0.1]], [[0.0, 0.0, 0.0], [0.2, 0.2, -0.2]]]],
+                  np.float32)
+MASK = np.array([[[1, 0], [1, 0]], [[1, 0], [1, 0]]], np.float32)
+REWARDS = np.array([0.8, -0.3], np.float32)
+LATENT = np.array([0.05, 0.25], np.float32)
+
+
+@pytest.mark.parametrize("norm", objective.CONSTRAINT_NORMS)
+def test_loss_weighs_reward_constraint_and_latent_term(norm):
+  w, beta, gamma = 0.7, 0.3, 0.2
+  obj = _objective(reward_weight=w, beta=beta, gamma=gamma, constraint_norm=norm)
+  images = REFERENCE + CHANGE
+  # By hand, in float64: the right column's change, per example.
+  outside = CHANGE.astype(np.float64)[:, :, 1, :]
+  squared = np.array([np.sum(outside[b] ** 2) for b in range(2)])
+  per_example = {"fro": np.sqrt(squared), "fro_squared": squared,
+                 "mean_squared": squared / (2 * 2 * 3)}[norm]
+  r, c, l = REWARDS.astype(np.float64).mean(), per_example.mean(), LATENT.astype(np.float64).mean()
+  assert c > 0 and l > 0
+  args = dict(rewards=jnp.asarray(REWARDS), images=jnp.asarray(images),
+              reference=jnp.asarray(REFERENCE), mask=jnp.asarray(MASK), obj=obj)
+
+  total, metrics = objective.loss(**args)
+  np.testing.assert_allclose(total, -w * r + beta * c, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], -w * r + beta * c, rtol=1e-6)
+  assert "latent_term" not in metrics
+
+  total, metrics = objective.loss(**args, latent_term=jnp.asarray(LATENT))
+  want = -w * r + beta * c + gamma * l
+  np.testing.assert_allclose(total, want, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
+  np.testing.assert_allclose(metrics["reward"], r, rtol=1e-6)
+  np.testing.assert_allclose(metrics["reward_std"], np.std(REWARDS.astype(np.float64)), rtol=1e-6)
+  np.testing.assert_allclose(metrics["constraint"], c, rtol=1e-6)
+  np.testing.assert_allclose(metrics["latent_term"], l, rtol=1e-6)
+  # The change metrics: mean |Î − Î0| over the masked (left) and unmasked (right) values.
+  np.testing.assert_allclose(metrics["mask_area"], 0.5)
+  np.testing.assert_allclose(metrics["change_inside"], np.abs(CHANGE[:, :, 0]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["change_outside"], np.abs(outside).mean(), rtol=1e-5)
+
+
+def test_from_config_reads_the_objective_block():
+  c = focus_n_fix.base_config().objective
+  c.mask, c.reward_region, c.constraint_norm = "ones", "full", "mean_squared"
+  c.reward_weight, c.beta, c.gamma = 0.7, 0.3, 0.2
+  obj = objective.Objective.from_config(c)
+  assert obj == objective.Objective(mask="ones", reward_region="full", reward_weight=0.7,
+                                    beta=0.3, constraint_norm="mean_squared", gamma=0.2)
+  # The config's Python floats, as they are: the step's programs fold them in as constants.
+  assert all(type(x) is float for x in (obj.reward_weight, obj.beta, obj.gamma))
+  assert {f.name for f in dataclasses.fields(obj)} == set(c.keys())
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    obj.beta = 0.0  # type: ignore[misc]
+
+
+def test_from_config_missing_or_bad_field():
+  fields = dict(focus_n_fix.base_config().objective)
+  del fields["gamma"]
+  with pytest.raises(AttributeError, match="gamma"):
+    objective.Objective.from_config(ml_collections.ConfigDict(fields))
+  # Values are fnf_jax.config.validate's to check; a bad name fails where it is used.
+  obj = objective.Objective.from_config(
+      ml_collections.ConfigDict(dict(fields, gamma=0.0, constraint_norm="l1")))
+  with pytest.raises(ValueError, match="fro_squared"):
+    objective.loss(rewards=jnp.asarray(REWARDS), images=jnp.asarray(REFERENCE),
+                   reference=jnp.asarray(REFERENCE), mask=jnp.asarray(MASK), obj=obj)

@@ -1,4 +1,4 @@
-"""Whole-pipeline parity: fnf_jax.pipeline vs diffusers on tiny random SD1 / SD2 / SDXL folders."""
+"""Whole-pipeline parity: fnf_jax.diffusion.pipeline vs diffusers on tiny random SD1 / SD2 / SDXL folders."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny_pipelines
-from fnf_jax import pipeline
+from fnf_jax.diffusion import pipeline
 from fnf_jax.models import convert
 
 PROMPTS = ["a red circle", "a photo of a cat holding a sign"]
@@ -57,7 +57,7 @@ def test_training_reference_is_the_image_generate_makes(pipes):
   branch included."""
   import jax  # pylint: disable=g-import-not-at-top
   from configs import violence  # pylint: disable=g-import-not-at-top
-  from fnf_jax import train_step  # pylint: disable=g-import-not-at-top
+  from fnf_jax.fnf import train_step  # pylint: disable=g-import-not-at-top
   from fnf_jax.data import examples  # pylint: disable=g-import-not-at-top
   from fnf_jax.rewards import registry  # pylint: disable=g-import-not-at-top
 

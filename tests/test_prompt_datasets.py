@@ -179,7 +179,7 @@ def test_a_list_source_does_not_import_tfds():
 
 def test_validate_wants_data_dir_a_string_for_parti_and_i2p():
   from configs import violence  # pylint: disable=import-outside-toplevel
-  from fnf_jax import validate  # pylint: disable=import-outside-toplevel
+  from fnf_jax.config import validate  # pylint: disable=import-outside-toplevel
 
   fields = violence.get_config().to_dict()
   fields["prompts"].update(source="parti", path=PARTI, data_dir=3)  # a ConfigDict keeps types

@@ -14,6 +14,7 @@ import pytest
 
 from fnf_jax.models import convert
 from fnf_jax.models import rahf
+from fnf_jax.models import rahf_convert
 from fnf_jax.models import t5_tokenizer
 from fnf_jax.rewards import masks
 from fnf_jax.rewards import rahf as rahf_reward
@@ -154,7 +155,7 @@ def test_converted_heads_equal_pytorch_on_the_same_features(reference):
   model, sd, vit_dir, t5_dir = reference
   config = _config(sd, vit_dir, t5_dir)
   assert config.heads.heat_ups == HEAT_UPS and config.heads.score_mlp == SCORE_MLP
-  params = rahf.convert_state_dict(sd, config, where="test")
+  params = rahf_convert.convert_state_dict(sd, config, where="test")
   grid = np.random.default_rng(1).standard_normal((2, D, 3, 3)).astype(np.float32)
   with torch.no_grad():
     t_heat = model.heatmap_predictor["implausibility"](torch.from_numpy(grid)).numpy()
@@ -170,7 +171,7 @@ def test_converted_heads_equal_pytorch_on_the_same_features(reference):
 def test_converted_model_equals_pytorch_end_to_end(reference):
   model, sd, vit_dir, t5_dir = reference
   config = _config(sd, vit_dir, t5_dir)
-  params = rahf.convert_state_dict(sd, config, where="test")
+  params = rahf_convert.convert_state_dict(sd, config, where="test")
   pixels, ids, mask = _inputs()
   heat, score = rahf.RAHF(config).apply({"params": params}, pixels, ids, mask)
   with torch.no_grad():
@@ -269,7 +270,7 @@ def test_bad_folders_and_files_are_named(reference, tmp_path):
   broken = {k: v for k, v in sd.items() if k != "score_predictor.overall.linear_layers.4.weight"}
   with pytest.raises(convert.CheckpointError,
                      match=r"missing 'score_predictor.overall.linear_layers.4.weight'"):
-    rahf.convert_state_dict(broken, _config(sd, vit_dir, t5_dir), where="broken.pth")
+    rahf_convert.convert_state_dict(broken, _config(sd, vit_dir, t5_dir), where="broken.pth")
   # Not our layout at all.
   with pytest.raises(convert.CheckpointError, match=r"not RAHF weights in fnf_jax's layout"):
     rahf.read_heads(os.path.join(vit_dir, "model.safetensors"))

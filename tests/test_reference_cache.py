@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import violence
-from fnf_jax import reference
+from fnf_jax.fnf import reference_cache as reference
 from fnf_jax.data import examples as examples_lib
 
 SIZE = 64

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from fnf_jax import eval_job
-from fnf_jax import eval_report
+from fnf_jax.jobs import evaluate as eval_job
+from fnf_jax.evaluation import report as eval_report
 from fnf_jax.data import examples as examples_lib
 from fnf_jax.toy import demo
 from fnf_jax.toy import world

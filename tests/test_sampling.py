@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fnf_jax import sampling
-from fnf_jax import schedulers
+from fnf_jax.diffusion import sampling
+from fnf_jax.diffusion import schedulers
 
 CFG = schedulers.DDIMConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                             steps_offset=1, set_alpha_to_one=False)

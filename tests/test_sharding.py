@@ -12,9 +12,9 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from fnf_jax import random_models
-from fnf_jax import sharding
-from fnf_jax import train
+from fnf_jax.diffusion import random_models
+from fnf_jax.runtime import sharding
+from fnf_jax.data import batch as batch_lib
 from fnf_jax.models import convert
 from fnf_jax.models import unet as unet_lib
 
@@ -82,7 +82,7 @@ def test_batch_arrays_use_the_same_translation():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
   batch = {"ids": np.zeros((1, 8, 77), np.int32), "x_T": np.zeros((8, 8, 8, 4)),
            "noise": np.zeros((4, 8, 8, 8, 4))}
-  out = train.batch_shardings(batch, mesh, RULES)
+  out = batch_lib.batch_shardings(batch, mesh, RULES)
   assert out["ids"].spec == P(None, ("data", "fsdp"), None)
   assert out["noise"].spec == P(None, ("data", "fsdp"), None, None, None)
   assert out["x_T"].spec == sharding.logical_to_spec(("batch", None, None, None), RULES)

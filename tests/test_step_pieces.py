@@ -8,17 +8,24 @@ import optax
 import pytest
 
 from configs import violence
-from fnf_jax import random_models
-from fnf_jax import train_step
+from fnf_jax.diffusion import random_models
+from fnf_jax.fnf import train_step
 from fnf_jax.data import examples
 from fnf_jax.rewards import registry
 
 PROMPTS = ["a red circle", "a blue square"]
 
 
+# The toy UNet cut to one level without a mid block: compiling its forward and backward (twice:
+# autodiff and the pieces) dominates these tests, and the pieces do not depend on the UNet's depth
+# (its cross-attention down and up blocks still carry the LoRA).
+UNET = dict(random_models.TINY_UNET, block_out_channels=(32,), mid_block_type=None,
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+
+
 @pytest.fixture(scope="module")
 def pipe():
-  return random_models.random_pipeline(0)
+  return random_models.random_pipeline(0, unet=UNET)
 
 
 def _setup(pipe, **changes):
@@ -80,8 +87,8 @@ def test_pieces_give_the_gradient_of_the_loss(pipe, changes):
 
 
 def test_the_sampler_keeps_the_inputs_of_the_gradient_steps():
-  from fnf_jax import sampling  # pylint: disable=g-import-not-at-top
-  from fnf_jax import schedulers  # pylint: disable=g-import-not-at-top
+  from fnf_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
+  from fnf_jax.diffusion import schedulers  # pylint: disable=g-import-not-at-top
   cfg = schedulers.DDIMConfig(beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, steps_offset=1, set_alpha_to_one=False)
   den = lambda x, t: jnp.tanh(x * 0.7 + t / 1000.0)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from fnf_jax import pipeline
+from fnf_jax.diffusion import pipeline
 from fnf_jax.models import clip
 from fnf_jax.models import clip_tokenizer
 from fnf_jax.models import convert

@@ -9,7 +9,8 @@ import pytest
 
 from configs import violence
 from fnf_jax import main
-from fnf_jax import train
+from fnf_jax.fnf import run as run_lib
+from fnf_jax.runtime import loop as loop_lib
 
 
 def tiny_config(**overrides):
@@ -139,7 +140,7 @@ def test_training_on_a_fresh_workdir_computes_the_cache_first(tmp_path):
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
   # Only the (injected) learning rate differs from the other runs: the same compiled step.
   config = tiny_config(**{"optim.lr": 1e30, "checkpoint.every": 1})
-  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+).*Last good checkpoint: step"):
+  with pytest.raises(loop_lib.NonFiniteLossError, match=r"at step (\d+).*Last good checkpoint: step"):
     main.run_job(config, str(tmp_path))
 
 
@@ -158,14 +159,12 @@ def test_select_examples_by_cached_mask_area():
 
   examples = examples_lib.make_examples([f"p{i}" for i in range(10)], 1, 0)
   c = tiny_config(**{"data.batch_size": 2})
-  assert train.select_examples(c, examples, None) == examples  # 0: everything, no cache needed
+  assert run_lib.select_examples(c, examples, None) == examples  # 0: everything, no cache needed
   c.data.min_mask_area = 0.65
-  assert [e.index for e in train.select_examples(c, examples, AreaCache())] == [7, 8, 9]
-  with pytest.raises(ValueError, match="train.reference = 'cache'"):
-    train.select_examples(c, examples, None)
+  assert [e.index for e in run_lib.select_examples(c, examples, AreaCache())] == [7, 8, 9]
   c.data.min_mask_area = 0.95
   with pytest.raises(ValueError, match="fewer than one batch"):
-    train.select_examples(c, examples, AreaCache())
+    run_lib.select_examples(c, examples, AreaCache())
 
 
 def test_random_streams_are_independent():
@@ -178,7 +177,7 @@ def test_random_streams_are_independent():
   x_a = {examples_lib.initial_noise(e.seed, (2, 2, 4)).tobytes() for e in a}
   x_b = {examples_lib.initial_noise(e.seed, (2, 2, 4)).tobytes() for e in b}
   assert len(x_a) == len(x_b) == 64 and not x_a & x_b  # seeds 0 and 1 share no x_T
-  init_key, root = train.step_keys(0)
+  init_key, root = run_lib.step_keys(0)
   init = jax.random.key_data(init_key).tobytes()
   steps = {jax.random.key_data(jax.random.fold_in(root, s)).tobytes() for s in range(2000)}
   assert len(steps) == 2000 and init not in steps

@@ -3,11 +3,13 @@
 A tiny RAHF on a mini RichHF-18K (tests/richhf_fixture.py: the maps are painted into the images,
 so there is something to learn) lowers its loss and beats its untrained self on the held-out
 split; the toy world's defect net trains through the same job; a run stopped by SIGTERM and
-rerun ends bit for bit where an uninterrupted one ends.
+rerun ends bit for bit where an uninterrupted one ends, and so does one whose newest checkpoint
+is broken (the shared loop, fnf_jax/runtime/loop.py, restores the one before).
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +17,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fnf_jax import checkpoint
+from fnf_jax.runtime import checkpoint
 from fnf_jax import main
+from fnf_jax.runtime import loop as loop_lib
 from fnf_jax.models import rahf as rahf_lib
 from fnf_jax.toy import reward as toy_reward
 from richhf_fixture import write_mini_richhf
@@ -113,27 +116,59 @@ class _StopAt:
     pass
 
 
-def test_stopped_and_rerun_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
-  def config():
-    c = load("rahf").get_config("toy_tiny")
-    c.train.num_steps, c.checkpoint.every, c.log.image_every = 30, 10, 0
-    return c
+def _config_30():
+  c = load("rahf").get_config("toy_tiny")
+  c.train.num_steps, c.checkpoint.every, c.checkpoint.keep, c.log.image_every = 30, 10, 3, 0
+  return c
 
-  _run(config(), tmp_path / "whole")
+
+def _export(workdir):
+  return load_file(os.path.join(workdir, "export", "toy_defect.safetensors"))
+
+
+def _assert_same_export(a, b):
+  a, b = _export(a), _export(b)
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.fixture(scope="module", name="whole")
+def fixture_whole(tmp_path_factory):
+  """An uninterrupted 30-step run (checkpoints at 10, 20, 30)."""
+  workdir = tmp_path_factory.mktemp("whole")
+  _run(_config_30(), workdir)
+  return workdir
+
+
+def test_stopped_and_rerun_ends_where_an_uninterrupted_run_ends(whole, tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoint, "install_preemption_handler", lambda: _StopAt(13))
-  with pytest.raises(SystemExit) as e:
-    _run(config(), tmp_path / "parts")
-  assert e.value.code == 143
+  with pytest.raises(loop_lib.Preempted) as e:  # as the Focus-N-Fix trainer stops
+    _run(_config_30(), tmp_path / "parts")
+  assert e.value.code == 143 and e.value.step == 13
   assert not os.path.exists(tmp_path / "parts" / "export")
+  assert "13" in os.listdir(tmp_path / "parts" / "checkpoints")
   monkeypatch.undo()
-  _run(config(), tmp_path / "parts")
-  whole = load_file(os.path.join(tmp_path / "whole", "export", "toy_defect.safetensors"))
-  parts = load_file(os.path.join(tmp_path / "parts", "export", "toy_defect.safetensors"))
-  assert set(whole) == set(parts)
-  for k in whole:
-    np.testing.assert_array_equal(whole[k], parts[k])
+  _run(_config_30(), tmp_path / "parts")
+  _assert_same_export(whole, tmp_path / "parts")
   # One metrics row per step: the rows the stopped run logged after its checkpoint are redone.
-  assert read_metrics(tmp_path / "parts").keys() == read_metrics(tmp_path / "whole").keys()
+  assert read_metrics(tmp_path / "parts").keys() == read_metrics(whole).keys()
+
+
+def test_a_broken_newest_checkpoint_is_moved_aside_and_the_one_before_resumes(
+    whole, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(whole, workdir)
+  shutil.rmtree(workdir / "export")
+  os.remove(workdir / "checkpoints" / "30" / "state" / "_METADATA")
+  caplog.set_level("INFO")
+  _run(_config_30(), workdir)
+  (line,) = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert line.startswith(f"checkpoint step 30 in {workdir}/checkpoints cannot be restored (")
+  assert "resuming from checkpoint step 20" in caplog.text
+  (aside,) = os.listdir(workdir / "checkpoints.broken")
+  assert aside.startswith("30-")
+  _assert_same_export(whole, workdir)  # steps 21..30 again: the same weights
 
 
 @pytest.mark.parametrize("arg, change, message", [
@@ -146,7 +181,7 @@ def test_stopped_and_rerun_ends_where_an_uninterrupted_run_ends(tmp_path, monkey
     (None, {"data.manual_dir": "."}, "model.vit_path"),
 ])
 def test_bad_configs_fail_before_anything_loads(arg, change, message, tmp_path):
-  from fnf_jax import validate  # pylint: disable=import-outside-toplevel
+  from fnf_jax.config import validate  # pylint: disable=import-outside-toplevel
   config = load("rahf").get_config(arg)
   for key, value in change.items():
     node = config

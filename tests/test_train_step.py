@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fnf_jax import optimizer
+from fnf_jax.runtime import optimizer
 
 
 def test_gradient_accumulation_averages_micro_steps():

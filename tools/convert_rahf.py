@@ -27,6 +27,7 @@ from flax import traverse_util
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_jax.models import convert  # noqa: E402  pylint: disable=g-import-not-at-top
 from fnf_jax.models import rahf  # noqa: E402  pylint: disable=g-import-not-at-top
+from fnf_jax.models import rahf_convert  # noqa: E402  pylint: disable=g-import-not-at-top
 from fnf_jax.models import t5  # noqa: E402  pylint: disable=g-import-not-at-top
 from fnf_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -56,13 +57,13 @@ def model_config(vit_folder: str, t5_folder: str, state_dict: dict) -> rahf.RAHF
       raise convert.CheckpointError(f"{folder}/config.json has model_type "
                                     f"{raw.get('model_type')!r}, expected {kind!r}")
   return rahf.RAHFConfig(vit.ViTConfig.from_dict(vit_raw), t5.T5Config.from_dict(t5_raw),
-                         rahf.heads_in_state_dict(state_dict))
+                         rahf_convert.heads_in_state_dict(state_dict))
 
 
 def convert_file(src: str, vit_folder: str, t5_folder: str, dst: str) -> dict:
   state_dict = read_checkpoint(src)
   config = model_config(vit_folder, t5_folder, state_dict)
-  params = rahf.convert_state_dict(state_dict, config, where=src)
+  params = rahf_convert.convert_state_dict(state_dict, config, where=src)
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   rahf.save(dst, params, config.heads, {"source": os.path.basename(src),
                                         "vit": os.path.basename(os.path.normpath(vit_folder)),

@@ -9,7 +9,7 @@ our lora.safetensors, or a diffusers / peft LoRA file. The output is a copy of P
 whose unet/ holds W + s·A·B (float32; s = alpha / rank from the LoRA, or --scale), so that
 
     StableDiffusionPipeline.from_pretrained(OUT)        # diffusers, no LoRA loading
-    fnf_jax.pipeline.load(OUT)                          # or --config.model.path=OUT
+    fnf_jax.diffusion.pipeline.load(OUT)                          # or --config.model.path=OUT
 
 sample the fine-tuned model. The merged UNet is checked against unet/config.json before
 anything is written, and the folder appears whole or not at all; an existing --out is replaced

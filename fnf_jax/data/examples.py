@@ -7,7 +7,7 @@ The feed's position counts examples consumed, across epochs; each epoch is a fre
 
 Random streams: an example's seed is a 63-bit hash of (base seed, index), so two base seeds
 (`--config.seed`) share no x_T; the training loop's LoRA init and per-step keys come from a
-split of `jax.random.key(config.seed)` (fnf_jax/train.py), and the feed's order from numpy's
+split of `jax.random.key(config.seed)` (fnf_jax/jobs/train.py), and the feed's order from numpy's
 generator on (seed, epoch): none of the three streams reuses another's values.
 """
 
@@ -84,7 +84,7 @@ def prompt_limits(pipe, reward=None) -> list:
 def host_batch(pipe, examples: list[Example], *, negative_prompt: str, num_steps: int,
                eta: float, reward=None) -> dict:
   """The step's inputs for `examples` as numpy arrays (each process passes its own rows of the
-  global batch: fnf_jax.train.host_rows); with a reward that tokenizes prompts its own way,
+  global batch: fnf_jax.data.batch.host_rows); with a reward that tokenizes prompts its own way,
   also its ids ("reward_ids")."""
   prompts = [e.prompt for e in examples]
   batch = {

@@ -42,8 +42,8 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fnf_jax.data import prompts as prompts_lib
 from fnf_jax.data import tfds_lib
+from fnf_jax.data.text import decode
 
 SPLIT = "full"
 # The manual folder is the one holding the file; configs name the file itself (prompts.path).
@@ -65,7 +65,7 @@ def _digest_and_text(path: str, dataset: str, instructions: str) -> tuple[str, s
   with open(path, "rb") as f:
     data = f.read()
   try:
-    text = prompts_lib.decode(data, path)
+    text = decode(data, path)
   except ValueError as e:
     raise tfds_lib.DataError(str(e)) from None
   return hashlib.sha256(data).hexdigest(), text

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 
 from absl import logging
 
-from fnf_jax import choices
+from fnf_jax.config import choices
+from fnf_jax.data.text import decode
 
 SOURCES = choices.PROMPT_SOURCES
 SPLITS = choices.PROMPT_SPLITS
@@ -66,17 +67,6 @@ class PromptReport:
 def _first(lines: list[int], n: int = 10) -> str:
   shown = ", ".join(map(str, lines[:n]))
   return shown + (", ..." if len(lines) > n else "")
-
-
-def decode(data: bytes, path: str) -> str:
-  """`data` (the bytes of `path`) as UTF-8; an undecodable byte is reported with its line and
-  offset (the TFDS prompt builders say it in the same words)."""
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}: line {line}, byte {e.start} (0x{data[e.start]:02x}) is not UTF-8 "
-                     f"({e.reason}); save the file as UTF-8") from None
 
 
 def _open(path: str):

@@ -7,7 +7,8 @@ A dataset (`data.name`) is a TFDS builder plus the fields that train each head o
                             aesthetics <- aesthetics_score, overall <- overall_score
     toy_defects   heatmaps  defect <- defect_map                     (fnf_jax/toy/data.py)
 
-Packages add theirs with `add` (the toy world does, from its `__init__`). A batch is
+The table of datasets is fnf_jax/data/reward_datasets.py (light: the config check reads it);
+packages add theirs there (the toy world does, from its `__init__`). A batch is
 
     image        uint8 [b, H, W, 3], resized to the model's input (PIL bilinear, antialiased:
                  what ViTImageProcessor does)
@@ -27,55 +28,11 @@ one reads, and each process decodes only its own rows of it. grain's worker proc
 
 import dataclasses
 import functools
-import importlib
 import io
 
 import numpy as np
 from PIL import Image
 
-from fnf_jax import plugins
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  builder: str  # "module:Class" of the TFDS builder
-  heatmaps: dict  # model head -> the dataset's map field (uint8 [H, W], 0-255)
-  scores: dict  # model head -> the dataset's float field
-  manual: bool  # built from files the user downloads (data.manual_dir)
-  train_split: str
-  eval_splits: tuple[str, ...]
-
-
-_DATASETS = {
-    "richhf18k": Dataset(
-        "fnf_jax.data.richhf18k:Richhf18k",
-        {"implausibility": "artifact_map", "misalignment": "misalignment_map"},
-        {"plausibility": "artifact_score", "alignment": "misalignment_score",
-         "aesthetics": "aesthetics_score", "overall": "overall_score"},
-        manual=True, train_split="train", eval_splits=("dev", "test")),
-}
-
-
-def add(name: str, dataset: Dataset) -> None:
-  if name in _DATASETS:
-    raise ValueError(f"reward dataset {name!r} registered twice")
-  _DATASETS[name] = dataset
-
-
-def names() -> list[str]:
-  plugins.load()
-  return sorted(_DATASETS)
-
-
-def get(name: str) -> Dataset:
-  if name not in names():
-    raise KeyError(f"data.name = {name!r} is not one of {names()}")
-  return _DATASETS[name]
-
-
-def builder_class(dataset: Dataset):
-  module, cls = dataset.builder.split(":")
-  return getattr(importlib.import_module(module), cls)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

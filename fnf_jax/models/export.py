@@ -4,7 +4,7 @@
                     text_config=..., text_params=..., tokenizer_dir=..., scheduler_config=...)
 
 writes model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ so that a model
-trained here (the toy world's, say) ships as a real checkpoint: `fnf_jax.pipeline.load` reads
+trained here (the toy world's, say) ships as a real checkpoint: `fnf_jax.diffusion.pipeline.load` reads
 it like any SD folder and diffusers' `StableDiffusionPipeline.from_pretrained` loads it too. No
 torch is needed to write it. `replace_unet(source, folder, unet_params=...)` writes a copy of an
 existing folder with other UNet weights (a merged LoRA: tools/merge_lora.py).
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fnf_jax import schedulers
+from fnf_jax.diffusion import schedulers
 from fnf_jax.models import clip
 from fnf_jax.models import clip_tokenizer
 from fnf_jax.models import convert

@@ -1,6 +1,6 @@
 """Building blocks shared by every model family: layers with logical axis names.
 
-Every parameter carries logical axis names (see `fnf_jax.sharding` for the rules that map them
+Every parameter carries logical axis names (see `fnf_jax.runtime.sharding` for the rules that map them
 onto a mesh), so that switching between data parallelism and FSDP is a config change. The layers
 below create their parameters in float32 at init and compute in `dtype` (params of another dtype
 are cast to it); normalisation statistics are always float32. Loaded params' dtype is the

@@ -8,7 +8,7 @@ the "lora" variable collection that `fnf_jax.models.layers.Dense` reads
 (`module.apply({"params": base, "lora": collection(lora, scale)}, ...)`), so the update is never
 rounded into a bfloat16 kernel. `merge` (W + s·A·B in the kernel) is for exports and checks.
 
-Files: `fnf_jax.checkpoint.export_lora_safetensors` writes a tree in diffusers' / peft's keys;
+Files: `fnf_jax.runtime.checkpoint.export_lora_safetensors` writes a tree in diffusers' / peft's keys;
 `fnf_jax.models.lora_io` reads those, diffusers' / peft's own and a run's workdir back.
 """
 
@@ -76,6 +76,3 @@ def collection(lora_params: dict, scale: float) -> dict:
 def scale(rank: int, alpha: float) -> float:
   return alpha / rank
 
-
-def num_params(lora_params: dict) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(lora_params))

@@ -45,7 +45,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from fnf_jax.config.errors import ConfigError
 from fnf_jax.models import convert
+from fnf_jax.models import lora as lora_lib
 
 # A folder's LoRA file, by name: ours (the training run's export), then diffusers'.
 FILE_NAMES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
@@ -268,7 +270,7 @@ def _only(values):
 def _read_folder(folder: str, unet_params, where: str) -> Weights:
   checkpoints = os.path.join(folder, "checkpoints")
   if os.path.isdir(checkpoints):
-    from fnf_jax import checkpoint  # pylint: disable=import-outside-toplevel  # orbax: only here
+    from fnf_jax.runtime import checkpoint  # pylint: disable=import-outside-toplevel  # orbax: only here
     newest = checkpoint.read_newest(checkpoints, ("train", "lora"))
     if newest is not None:
       return _from_checkpoint(folder, *newest, unet_params, where)
@@ -337,3 +339,50 @@ def _layers(tree: dict, unet_params, where: str) -> dict:
                        f"[r, {shape[-1]}])")
     ranks[layer] = int(a[1])
   return ranks
+
+
+# --- lora.init: the LoRA a training run starts from ------------------------------------------
+def start(lora_cfg, unet_params) -> dict | None:
+  """The LoRA tree of lora.init (None for ""), once its rank and layers are checked against
+  config.lora: a mismatch raises ConfigError naming both, before anything compiles.
+  The file's A and B are taken as they are; config.lora.alpha sets the scale."""
+  if not lora_cfg.init:
+    return None
+  key = f"config.lora.init = {lora_cfg.init!r}"
+  try:
+    weights = read(lora_cfg.init, unet_params, where=key)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if weights.rank != lora_cfg.rank:
+    layer, rank = next((l, r) for l, r in sorted(weights.ranks.items()) if r != lora_cfg.rank)
+    shape = np.shape(_at(weights.tree, layer)["lora_a"])
+    raise ConfigError(
+        f"{key}: layer {'/'.join(layer)} has rank {rank} (lora_a {shape} [in, r]), but "
+        f"config.lora.rank = {lora_cfg.rank} needs {(shape[0], lora_cfg.rank)}: set "
+        f"--config.lora.rank={rank} (and lora.alpha), or start from a LoRA of rank "
+        f"{lora_cfg.rank}")
+  wanted = {p[:-1] for p in lora_lib.targets(unet_params, lora_cfg.targets)}
+  have = set(weights.ranks)
+  if have != wanted:
+    name = lambda layers: ", ".join("/".join(l) for l in sorted(layers)[:3])
+    raise ConfigError(
+        f"{key}: its layers are not those config.lora.targets = {lora_cfg.targets!r} selects: "
+        f"{len(have - wanted)} in the file only (e.g. {name(have - wanted) or '-'}), "
+        f"{len(wanted - have)} selected but not in the file (e.g. {name(wanted - have) or '-'})."
+        " Set lora.targets to the file's layers")
+  scale = lora_lib.scale(lora_cfg.rank, lora_cfg.alpha)
+  file_scale = weights.single_scale()[1]
+  logging.info("%s: training starts from its %d layers (rank %d; the file's alpha %s, scale "
+               "%.4g); config.lora.alpha = %g applies: scale %.4g", key, len(have),
+               weights.rank, weights.alpha, file_scale, lora_cfg.alpha, scale)
+  if not np.isclose(file_scale, scale):
+    logging.warning("%s: the file's scale %.4g is not config.lora.alpha / rank = %.4g: step 0 "
+                    "is not the file's model (its A, B with another scale)", key, file_scale,
+                    scale)
+  return weights.tree
+
+
+def _at(tree: dict, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree

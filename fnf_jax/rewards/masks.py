@@ -16,7 +16,7 @@ wrap them in stop_gradient.
 import jax
 import jax.numpy as jnp
 
-from fnf_jax import choices
+from fnf_jax.config import choices
 
 THRESHOLD_MODES = choices.THRESHOLD_MODES
 

@@ -9,16 +9,16 @@ of its own (`tokenize`, RAHF's T5): then every batch also carries the prompts in
 ("reward_ids", [B, L], made on the host with the pipeline's) and the reward receives them.
 
 Each name maps to the "module:function" that builds it from the config's `reward` block and to
-the fields of that block it reads, so that `fnf_jax.validate` can check a config (name and
+the fields of that block it reads, so that `fnf_jax.config.validate` can check a config (name and
 fields) without importing any reward. Packages outside the core (the toy world) add their own
-entries with `add` when `fnf_jax.plugins` imports them.
+entries with `add` when `fnf_jax.plugins` imports them. The table is `REWARDS`, a
+`fnf_jax.registry.Registry`.
 """
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
-from fnf_jax import plugins
+from fnf_jax.registry import Registry, resolve
 
 ScoreFn = Callable[[Any, Any, Any], Any]
 
@@ -46,7 +46,7 @@ CLIP_FIELDS = ("clip_path", "tokenizer", "dtype", "remat", "saliency", "gradcam_
                "gradcam_sigma", "saliency_baseline")
 # What the RAHF rewards read (rahf.py).
 RAHF_FIELDS = ("vit_path", "t5_path", "weights", "dtype", "remat", "max_prompt_tokens")
-_ENTRIES: dict[str, Entry] = {
+REWARDS = Registry("reward", entries={
     "color": Entry("fnf_jax.rewards.color:build", ("color", "sigma")),
     "q16": Entry("fnf_jax.rewards.q16:build", CLIP_FIELDS + ("weights",)),
     "laion_nsfw": Entry("fnf_jax.rewards.laion:build_nsfw",
@@ -59,29 +59,17 @@ _ENTRIES: dict[str, Entry] = {
                               CLIP_FIELDS + ("safe_prompts", "unsafe_prompts")),
     "rahf_plausibility": Entry("fnf_jax.rewards.rahf:build_plausibility", RAHF_FIELDS),
     "rahf_alignment": Entry("fnf_jax.rewards.rahf:build_alignment", RAHF_FIELDS),
-}
+})
+entries = REWARDS.entries  # name -> Entry, the plugins' included (fnf_jax.config.validate)
+names = REWARDS.names
 
 
 def add(name: str, builder: str, fields=()) -> None:
   """Registers reward `name`: `builder` ("module:function") builds it from its config block."""
-  if name in _ENTRIES:
-    raise ValueError(f"reward {name!r} registered twice")
-  _ENTRIES[name] = Entry(builder, tuple(fields))
-
-
-def entries() -> dict[str, Entry]:
-  plugins.load()
-  return dict(_ENTRIES)
-
-
-def names() -> list[str]:
-  return sorted(entries())
+  REWARDS.add(name, Entry(builder, tuple(fields)))
 
 
 def build(cfg) -> Reward:
-  """The reward named by cfg.name, built from the rest of the config block."""
-  available = entries()
-  if cfg.name not in available:
-    raise ValueError(f"reward {cfg.name!r} is not registered; available: {sorted(available)}")
-  module, function = available[cfg.name].builder.split(":")
-  return getattr(importlib.import_module(module), function)(cfg)
+  """The reward named by cfg.name, built from the rest of the config block; raises
+  UnknownName (a ValueError) listing the registered ones."""
+  return resolve(REWARDS.get(cfg.name).builder)(cfg)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fnf_jax import choices
+from fnf_jax.config import choices
 from fnf_jax.rewards import masks
 
 METHODS = choices.SALIENCY_METHODS

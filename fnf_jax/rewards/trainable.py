@@ -10,14 +10,15 @@ fine-tuning later uses:
                 the rahf_plausibility / rahf_alignment rewards read (reward.weights).
     toy_defect  the toy world's defect net (fnf_jax/toy/reward.py): heatmap head "defect".
 
-Packages add families with `add` (the toy world does, from its `__init__`).
+Packages add families with `add` (the toy world does, from its `__init__`) to `FAMILIES`, a
+`fnf_jax.registry.Registry` of the rewards' `Entry`: the builder and the model block's fields.
 """
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
-from fnf_jax import plugins
+from fnf_jax.registry import Registry, resolve
+from fnf_jax.rewards.registry import Entry
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,26 +38,19 @@ class Trainable:
   tokenize: Callable[[list[str]], Any] | None = None  # prompts -> int32 ids [B, L]
 
 
-_FAMILIES = {"rahf": "fnf_jax.rewards.rahf:trainable"}
-# The model block's fields each family reads (besides `name`), for fnf_jax.validate.
-FIELDS = {"rahf": ("vit_path", "t5_path", "weights", "dtype", "remat", "max_prompt_tokens",
-                   "seed")}
+# name -> Entry(the "module:function" that builds it from the model block, the block's fields it
+# reads besides `name`, for fnf_jax.config.validate).
+FAMILIES = Registry("trainable model", "model.name", {
+    "rahf": Entry("fnf_jax.rewards.rahf:trainable", ("vit_path", "t5_path", "weights", "dtype",
+                                                     "remat", "max_prompt_tokens", "seed")),
+})
+names = FAMILIES.names
 
 
 def add(name: str, builder: str, fields=()) -> None:
-  if name in _FAMILIES:
-    raise ValueError(f"trainable model {name!r} registered twice")
-  _FAMILIES[name] = builder
-  FIELDS[name] = tuple(fields)
-
-
-def names() -> list[str]:
-  plugins.load()
-  return sorted(_FAMILIES)
+  FAMILIES.add(name, Entry(builder, tuple(fields)))
 
 
 def build(cfg) -> Trainable:
-  if cfg.name not in names():
-    raise ValueError(f"model.name = {cfg.name!r} is not one of {names()}")
-  module, function = _FAMILIES[cfg.name].split(":")
-  return getattr(importlib.import_module(module), function)(cfg)
+  """The family cfg.name's model; raises UnknownName (a ValueError) listing the families."""
+  return resolve(FAMILIES.get(cfg.name).builder)(cfg)

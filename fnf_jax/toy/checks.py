@@ -1,7 +1,7 @@
-"""Config checks of the toy world's jobs (see fnf_jax/validate.py): `demo` (configs/toy.py) and
+"""Config checks of the toy world's jobs (see fnf_jax/config/validate.py): `demo` (configs/toy.py) and
 `pretrain` (configs/toy_pretrain.py). Light: no jax."""
 
-from fnf_jax import validate as v
+from fnf_jax.config import validate as v
 from fnf_jax.toy import methods
 
 
@@ -29,8 +29,9 @@ def pretrain(config) -> None:
   v.compile_block(config)
   for key in ("seed", "data_seed"):
     v.integer(config, key, 0)
-  for key in ("log_every", "save_every", "export_every"):
+  for key in ("export_every", "checkpoint.every", "checkpoint.keep", "log.every"):
     v.integer(config, key, 1)
+  v.boolean(config, "log.tensorboard")
   v.number(config, "defect_rate", 0.0, 1.0)
   for stage in ("vae", "reward", "unet"):
     _stage(config, stage)

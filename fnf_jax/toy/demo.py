@@ -1,14 +1,14 @@
 """The `demo` job (configs/toy.py): references, Focus-N-Fix and DRaFT from the same start, then
-the eval job's evaluation (fnf_jax/eval_job.py) on held-out seeds, judged by the toy world's
+the eval job's evaluation (fnf_jax/jobs/evaluate.py) on held-out seeds, judged by the toy world's
 analytic judge, and WORKDIR/report.
 
 Layout of WORKDIR:
     fnf/     the Focus-N-Fix run (its reference cache, checkpoints, metrics.jsonl, lora)
     draft/   the DRaFT run (the same reference cache, linked)
-    report/  the eval job's report (fnf_jax/eval_report.py): index.html, grid.png,
+    report/  the eval job's report (fnf_jax/evaluation/report.py): index.html, grid.png,
              metrics.json, ab/
 A finished run is resumed, not repeated: train() picks up from its checkpoints. The model and
-reward are loaded once, each method's step is built once (`train.setup`), and the evaluation
+reward are loaded once, each method's step is built once (`fnf.run.setup`), and the evaluation
 reuses the Focus-N-Fix run's compiled reference and sampler. The same numbers come from
 `--config.job=eval --config.eval.runs='("draft=WORKDIR/draft", "fnf=WORKDIR/fnf")'` on this
 config, which reads the LoRAs back from the runs' checkpoints.
@@ -19,10 +19,12 @@ import time
 
 from absl import logging
 
-from fnf_jax import eval_job
-from fnf_jax import eval_report
-from fnf_jax import train as train_lib
-from fnf_jax.reference import directory as reference_directory
+from fnf_jax.jobs import evaluate as eval_job
+from fnf_jax.evaluation import report as eval_report
+from fnf_jax.fnf import run as run_lib
+from fnf_jax.jobs import cache as cache_job
+from fnf_jax.jobs import train as train_lib
+from fnf_jax.fnf.reference_cache import directory as reference_directory
 from fnf_jax.toy.methods import method_config
 
 NAMES = {"base": "base", "draft": "DRaFT", "fnf": "Focus-N-Fix"}
@@ -54,10 +56,10 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   runs = {m: os.path.join(workdir, m) for m in ("fnf", "draft")}
   configs = {m: method_config(config, m) for m in ("fnf", "draft")}
-  fnf_run = train_lib.setup(configs["fnf"])
-  setups = {"fnf": fnf_run, "draft": train_lib.setup(configs["draft"], base=fnf_run)}
+  fnf_run = run_lib.setup(configs["fnf"])
+  setups = {"fnf": fnf_run, "draft": run_lib.setup(configs["draft"], base=fnf_run)}
   if config.train.reference == "cache":
-    train_lib.cache(configs["fnf"], runs["fnf"], run=fnf_run)
+    cache_job.cache(configs["fnf"], runs["fnf"], run=fnf_run)
     _share_cache(runs["fnf"], runs["draft"])
   loras, seconds = {}, {}
   for method in ("draft", "fnf"):  # also the report's column order

@@ -153,9 +153,9 @@ def prompt_fidelity(images, captions: Sequence[str]) -> np.ndarray:
 
 
 def build():
-  """The judge as the eval job takes it (fnf_jax/judges.py, `eval.judge = "toy"`): a problem is
+  """The judge as the eval job takes it (fnf_jax/evaluation/judges.py, `eval.judge = "toy"`): a problem is
   a blotch; prompt fidelity and its two halves are reported beside the rewards."""
-  from fnf_jax import judges  # pylint: disable=import-outside-toplevel
+  from fnf_jax.evaluation import judges  # pylint: disable=import-outside-toplevel
 
   def verdict(images, prompts) -> dict:
     v = evaluate(images, prompts)

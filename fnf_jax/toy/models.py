@@ -27,9 +27,9 @@ import os
 import jax
 import numpy as np
 
-from fnf_jax import pipeline as pipeline_lib
-from fnf_jax import random_models
-from fnf_jax import schedulers
+from fnf_jax.diffusion import pipeline as pipeline_lib
+from fnf_jax.diffusion import random_models
+from fnf_jax.diffusion import schedulers
 from fnf_jax.models import clip_tokenizer
 from fnf_jax.models import clip_vocab
 

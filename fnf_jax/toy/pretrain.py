@@ -2,26 +2,31 @@
 
     python -m fnf_jax.main --config=configs/toy_pretrain.py --workdir=/tmp/toy_pretrain
 
-Three stages, in this order, each resumable (a stage whose output exists in the workdir is
-skipped; the UNet stage restarts from its last saved state):
+Three stages, in this order. Each is a step function run by the shared training loop
+(fnf_jax/runtime/loop.py) in its own folder, WORKDIR/<stage>/: Orbax checkpoints every
+`checkpoint.every` steps, at the end and on SIGTERM (WORKDIR/<stage>/checkpoints), metrics.jsonl
+and TensorBoard there too. A stopped stage resumes from its newest checkpoint; a stage whose
+output is in WORKDIR is skipped.
   1. vae     the KL autoencoder on toy images: L1 reconstruction (blotch pixels weighted up) +
              a small KL term. Its scaling factor is then set to 1 / std of the encoder's latents
              (SD's rule), and the stage stops the job if the judge finds the defect in too few
              reconstructions of defective images: a VAE that paints the blotch away would leave
-             nothing for fine-tuning to fix.
+             nothing for fine-tuning to fix. Output: WORKDIR/vae.msgpack, vae_report.json.
   2. reward  the `toy_defect` localized reward model (reward.py), on the world's ground-truth
-             defect masks.
+             defect masks. Output: WORKDIR/toy_defect.safetensors, reward_report.json.
   3. unet    the UNet and the CLIP text encoder together, DDPM ε-prediction on the VAE's
              posterior samples, 10% of captions dropped to "" (what classifier-free guidance's
              unconditional branch is fed), EMA weights for sampling.
 The EMA model is exported every `export_every` steps and at the end as a diffusers-format
-folder (`fnf_jax.models.export`), with a sample grid and the judge's colour / shape / defect rates.
+folder, WORKDIR/pipeline (`fnf_jax.models.export`), with a sample grid and the judge's colour /
+shape / defect rates (a row of WORKDIR/sample_report.jsonl; the final step's row marks the stage
+done). Every batch and random draw is a function of the step: a resumed stage ends where an
+uninterrupted one does.
 """
 
 import dataclasses
 import json
 import os
-import time
 
 import flax
 import jax
@@ -30,10 +35,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from fnf_jax import random_models
-from fnf_jax import schedulers
+from fnf_jax.diffusion import random_models
+from fnf_jax.diffusion import schedulers
 from fnf_jax.models import export
 from fnf_jax.models import vae as vae_lib
+from fnf_jax.runtime import distributed
+from fnf_jax.runtime import loop as loop_lib
+from fnf_jax.runtime import runlock
 from fnf_jax.toy import judge
 from fnf_jax.toy import models
 from fnf_jax.toy import reward as toy_defect
@@ -46,7 +54,7 @@ def images_batch(step: int, batch_size: int, cfg, defect_rate: float | None = No
   indices, which `eval_indices` takes from the other end of the index space)."""
   start = offset + step * batch_size
   return world.batch(range(start, start + batch_size), seed=cfg.data_seed,
-                         defect_rate=cfg.defect_rate if defect_rate is None else defect_rate)
+                     defect_rate=cfg.defect_rate if defect_rate is None else defect_rate)
 
 
 def eval_indices(n: int) -> range:
@@ -78,7 +86,74 @@ def _load(path: str):
     return flax.serialization.msgpack_restore(f.read())
 
 
+def _fit(config, workdir: str, name: str, state, step_fn, batch_at, *, every: int = 0,
+         hook=None):
+  """Runs stage `name` (config.<name>.steps steps of `step_fn`) under the shared loop in
+  WORKDIR/<name>, from its newest checkpoint if it has one; returns the final state (the
+  restored one when the stage's checkpoints already reach its last step).
+
+  `batch_at(step)` is the step's host batch, `step_fn(state, host, step)` returns (state,
+  device metrics); `hook(state, step)` runs every `every` steps. Raises `loop.Preempted` on
+  SIGTERM, after saving.
+  """
+  stage, folder = config[name], os.path.join(workdir, name)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        {"train": state})
+  # No resume check (resume.check_resume): as before the shared loop, a rerun's config applies.
+  start = loop_lib.restore(folder, config.checkpoint, target, changes={}, config=config)
+  if start.restored is not None:
+    state = start.restored["train"]
+    logging.info("%s: resuming from checkpoint step %d in %s", name, start.step,
+                 start.checkpointer.directory)
+  if start.step >= stage.steps:
+    start.checkpointer.close()
+    logging.info("%s: checkpoint step %d of %d: nothing to train", name, start.step, stage.steps)
+    return state
+  logging.info("%s: steps %d..%d (logs and checkpoints in %s)", name, start.step + 1,
+               stage.steps, folder)
+  loop = loop_lib.Loop(
+      workdir=folder, num_steps=stage.steps, batch_size=stage.batch_size,
+      log_every=config.log.every, tensorboard=config.log.tensorboard, image_every=every,
+      panels=None if hook is None else lambda writer, state, batch, step: hook(state, step),
+      guard_message=f"lower {name}.lr before resuming (or delete {folder} to start the "
+                    "stage over)")
+  hosts = (batch_at(i) for i in range(start.step, stage.steps))
+  step3 = lambda state, host, step: (*step_fn(state, host, step), None)
+  state, _ = loop_lib.run(loop, state, start.step, start.checkpointer, hosts, step3)
+  return state
+
+
+def _on_masks(step, rng):
+  """The `_fit` step of a jitted step(state, images, defect masks, key): the key is the step's."""
+  return lambda state, host, i: step(state, jnp.asarray(host["image"]),
+                                     jnp.asarray(host["defect_mask"], jnp.float32),
+                                     jax.random.fold_in(rng, i))
+
+
 # --- stage 1: the VAE --------------------------------------------------------------------------
+def make_vae_step(cfg, vae, opt):
+  """The jitted step on {"params", "opt_state"}: L1 (blotch pixels weighted up) + KL."""
+
+  def step(state, images, defect, rng):
+    def loss_fn(p):
+      x = images * 2 - 1
+      z, mean, logvar = _encode_sample(vae, p, images, rng)
+      rec = vae.apply({"params": p}, z, method=vae.decode)
+      # Blotch pixels weigh more: they are ~0.5% of all pixels, and a plain L1 autoencoder of
+      # this size paints them over with the shape's colour (judge recall 2% after 1500 steps).
+      weight = 1.0 + cfg.vae.defect_weight * defect[..., None]
+      l1 = jnp.mean(weight * jnp.abs(rec - x))
+      kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+      return l1 + cfg.vae.kl_weight * kl, (l1, kl)
+    params = state["params"]
+    (loss, (l1, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, state["opt_state"], params)
+    return ({"params": optax.apply_updates(params, updates), "opt_state": opt_state},
+            {"loss": loss, "l1": l1, "kl": kl})
+
+  return jax.jit(step)
+
+
 def train_vae(cfg, workdir: str) -> tuple[dict, float]:
   """(vae params, scaling factor), trained or read back from `workdir/vae.msgpack`."""
   path = os.path.join(workdir, "vae.msgpack")
@@ -91,37 +166,17 @@ def train_vae(cfg, workdir: str) -> tuple[dict, float]:
   abstract = jax.eval_shape(vae.init, jax.random.key(0), vae_lib.dummy_images(vae.config))
   params = jax.tree.map(jnp.asarray, random_models.init_params(abstract["params"], cfg.seed))
   opt = _adamw(cfg.vae)
-  opt_state = opt.init(params)
+  step_fn = _on_masks(make_vae_step(cfg, vae, opt), jax.random.key(cfg.seed))
 
-  @jax.jit
-  def step(params, opt_state, images, defect, rng):
-    def loss_fn(p):
-      x = images * 2 - 1
-      z, mean, logvar = _encode_sample(vae, p, images, rng)
-      rec = vae.apply({"params": p}, z, method=vae.decode)
-      # Blotch pixels weigh more: they are ~0.5% of all pixels, and a plain L1 autoencoder of
-      # this size paints them over with the shape's colour (judge recall 2% after 1500 steps).
-      weight = 1.0 + cfg.vae.defect_weight * defect[..., None]
-      l1 = jnp.mean(weight * jnp.abs(rec - x))
-      kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
-      return l1 + cfg.vae.kl_weight * kl, (l1, kl)
-    (loss, (l1, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "l1": l1, "kl": kl}
+  def report_at(state, i):
+    if i < cfg.vae.steps:  # the last step's report follows the training
+      logging.info("vae step %d: %s", i, json.dumps(vae_report(vae, state["params"], cfg)))
 
-  rng = jax.random.key(cfg.seed)
-  t0 = time.time()
-  for i in range(cfg.vae.steps):
-    data = images_batch(i, cfg.vae.batch_size, cfg, defect_rate=cfg.vae.defect_rate)
-    params, opt_state, m = step(params, opt_state, jnp.asarray(data["image"]),
-                                jnp.asarray(data["defect_mask"], jnp.float32),
-                                jax.random.fold_in(rng, i))
-    if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.vae.steps:
-      logging.info("vae step %d/%d  l1 %.4f  kl %.3f  (%.0f s)", i + 1, cfg.vae.steps,
-                   float(m["l1"]), float(m["kl"]), time.time() - t0)
-    if (i + 1) % cfg.vae.report_every == 0 and i + 1 < cfg.vae.steps:
-      logging.info("vae step %d: %s", i + 1, json.dumps(vae_report(vae, params, cfg)))
-
+  state = _fit(cfg, workdir, "vae", {"params": params, "opt_state": opt.init(params)}, step_fn,
+               lambda i: images_batch(i, cfg.vae.batch_size, cfg,
+                                      defect_rate=cfg.vae.defect_rate),
+               every=cfg.vae.report_every, hook=report_at)
+  params = state["params"]
   report = vae_report(vae, params, cfg)
   logging.info("vae: %s", json.dumps(report))
   if report["defect_recall"] < cfg.vae.min_defect_recall:
@@ -129,7 +184,8 @@ def train_vae(cfg, workdir: str) -> tuple[dict, float]:
         f"the VAE keeps the defect in only {report['defect_recall']:.1%} of reconstructions "
         f"(vae.min_defect_recall = {cfg.vae.min_defect_recall}): a diffusion model on its "
         "latents could not draw it. Train longer (vae.steps) or weigh it more "
-        "(vae.defect_weight).")
+        f"(vae.defect_weight), after deleting {os.path.join(workdir, 'vae')} (its checkpoints "
+        "are of this training).")
   _save(path, {"params": params, "scaling_factor": report["scaling_factor"]})
   with open(os.path.join(workdir, "vae_report.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -155,6 +211,25 @@ def vae_report(vae, params, cfg, n: int = 512) -> dict:
 
 
 # --- stage 2: the localized reward model ------------------------------------------------------
+def make_reward_step(opt, reconstruct):
+  """The jitted step on {"params", "opt_state"}: per-pixel BCE on images and reconstructions."""
+
+  def step(state, images, target, rng):
+    images = jnp.concatenate([images, reconstruct(images, rng)])
+    target = jnp.concatenate([target, target])
+
+    def loss_fn(p):
+      logits = toy_defect.DefectNet().apply({"params": p}, images)
+      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state},
+            {"loss": loss})
+
+  return jax.jit(step)
+
+
 def train_reward(cfg, workdir: str, vae_params: dict) -> dict:
   """`toy_defect` weights (WORKDIR/toy_defect.safetensors): per-pixel BCE against the world's
   defect masks, on clean images and on their VAE reconstructions alike (samples of the diffusion
@@ -166,34 +241,17 @@ def train_reward(cfg, workdir: str, vae_params: dict) -> dict:
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_dict(models.vae_config()))
   params = toy_defect.init(cfg.seed + 3)
   opt = _adamw(cfg.reward)
-  opt_state = opt.init(params)
 
   def reconstruct(images, rng):
     z, _, _ = _encode_sample(vae, vae_params, images, rng)
     return jnp.clip(vae.apply({"params": vae_params}, z, method=vae.decode) / 2 + 0.5, 0, 1)
 
-  @jax.jit
-  def step(params, opt_state, images, target, rng):
-    images = jnp.concatenate([images, reconstruct(images, rng)])
-    target = jnp.concatenate([target, target])
-
-    def loss_fn(p):
-      logits = toy_defect.DefectNet().apply({"params": p}, images)
-      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = jax.random.key(cfg.seed + 4)
-  for i in range(cfg.reward.steps):
-    # Its own slice of the world's training indices, half of them with a blotch.
-    data = images_batch(i, cfg.reward.batch_size, cfg, defect_rate=0.5, offset=10**8)
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(data["image"]),
-                                   jnp.asarray(data["defect_mask"], jnp.float32),
-                                   jax.random.fold_in(rng, i))
-    if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.reward.steps:
-      logging.info("reward step %d/%d  bce %.4f", i + 1, cfg.reward.steps, float(loss))
+  step_fn = _on_masks(make_reward_step(opt, reconstruct), jax.random.key(cfg.seed + 4))
+  # Its own slice of the world's training indices, half of them with a blotch.
+  state = _fit(cfg, workdir, "reward", {"params": params, "opt_state": opt.init(params)},
+               step_fn, lambda i: images_batch(i, cfg.reward.batch_size, cfg, defect_rate=0.5,
+                                               offset=10**8))
+  params = state["params"]
   toy_defect.save(params, path)
   report = reward_report(params, cfg, reconstruct)
   logging.info("reward: %s", json.dumps(report))
@@ -243,7 +301,7 @@ def make_unet_step(cfg, pipe, opt):
     ema = jax.tree.map(lambda e, p: cfg.unet.ema_decay * e + (1 - cfg.unet.ema_decay) * p,
                        state["ema"], params)
     return {"params": params, "opt_state": opt_state, "ema": ema,
-            "step": state["step"] + 1}, loss
+            "step": state["step"] + 1}, {"loss": loss}
 
   return jax.jit(step, donate_argnums=0)
 
@@ -256,48 +314,59 @@ def _export(folder: str, pipe, params: dict, tok_dir: str, scaling_factor: float
       tokenizer_dir=tok_dir, scheduler_config=models.scheduler_config(), overwrite=True)
 
 
+def _exported_step(workdir: str) -> int | None:
+  """The step of the newest export that was sampled and judged (sample_report.jsonl), or None."""
+  path = os.path.join(workdir, "sample_report.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    steps = [json.loads(line)["step"] for line in f if line.strip()]
+  return steps[-1] if steps else None
+
+
 def train_unet(cfg, workdir: str, vae_params: dict, scaling_factor: float) -> None:
+  """Trains the UNet and text encoder (skipped when the last step's export was judged)."""
+  if _exported_step(workdir) == cfg.unet.steps:
+    logging.info("unet: step %d is exported in %s", cfg.unet.steps,
+                 os.path.join(workdir, "pipeline"))
+    return
   tok_dir = models.write_tokenizer(os.path.join(workdir, "tokenizer"))
   pipe = models.build_pipeline(tok_dir, seed=cfg.seed + 1, vae_scaling_factor=scaling_factor)
   pipe = dataclasses.replace(pipe, params={**pipe.params, "vae": vae_params})
   opt = _adamw(cfg.unet)
-  state_path = os.path.join(workdir, "unet_state.msgpack")
   params = {k: jax.tree.map(jnp.asarray, pipe.params[k]) for k in ("unet", "text_encoder")}
   state = {"params": params, "opt_state": opt.init(params),
            "ema": jax.tree.map(jnp.copy, params),  # its own buffers: the step donates state
            "step": jnp.zeros((), jnp.int32)}
-  if os.path.exists(state_path):
-    state = jax.tree.map(jnp.asarray, flax.serialization.from_state_dict(state, _load(state_path)))
-    logging.info("unet: resumed from %s at step %d", state_path, int(state["step"]))
-  step_fn = make_unet_step(cfg, pipe, opt)
+  step = make_unet_step(cfg, pipe, opt)
   tokenizer = pipe.tokenizers[0]
   rng = jax.random.key(cfg.seed + 2)
-  t0, start, losses = time.time(), int(state["step"]), []
-  for i in range(start, cfg.unet.steps):
+
+  def batch_at(i):
     data = images_batch(i, cfg.unet.batch_size, cfg)
     drop = np.random.default_rng([cfg.seed, 7, i]).uniform(size=len(data["caption"]))
     captions = [c if u >= cfg.unet.caption_dropout else "" for c, u in zip(data["caption"], drop)]
-    state, loss = step_fn(state, jnp.asarray(data["image"]), jnp.asarray(tokenizer(captions)),
-                          jax.random.fold_in(rng, i))
-    losses.append(loss)
-    done = i + 1
-    if done % cfg.log_every == 0 or done == cfg.unet.steps:
-      rate = (done - start) / (time.time() - t0)
-      logging.info("unet step %d/%d  loss %.4f  %.2f steps/s", done, cfg.unet.steps,
-                   float(np.mean(jax.device_get(losses))), rate)
-      losses = []
-    if done % cfg.save_every == 0 or done == cfg.unet.steps:
-      _save(state_path, flax.serialization.to_state_dict(state))
-    if done % cfg.export_every == 0 or done == cfg.unet.steps:
-      folder = _export(os.path.join(workdir, "pipeline"), pipe, state["ema"], tok_dir,
-                       scaling_factor)
-      report = sample_report(folder, cfg, step=done)
-      logging.info("unet step %d: exported %s; %s", done, folder, json.dumps(report))
+    return {"image": data["image"], "ids": tokenizer(captions)}
+
+  def step_fn(state, host, i):
+    return step(state, jnp.asarray(host["image"]), jnp.asarray(host["ids"]),
+                jax.random.fold_in(rng, i))
+
+  def export_at(state, i):
+    folder = _export(os.path.join(workdir, "pipeline"), pipe, state["ema"], tok_dir,
+                     scaling_factor)
+    logging.info("unet step %d: exported %s; %s", i, folder,
+                 json.dumps(sample_report(folder, cfg, step=i)))
+
+  # The last step's export follows the training: also when a stop came between the two.
+  state = _fit(cfg, workdir, "unet", state, step_fn, batch_at, every=cfg.export_every,
+               hook=lambda state, i: export_at(state, i) if i < cfg.unet.steps else None)
+  export_at(state, cfg.unet.steps)
 
 
 def sample_report(folder: str, cfg, *, step: int) -> dict:
   """Samples every caption `cfg.eval.seeds` times from the exported folder; the judge's rates."""
-  from fnf_jax import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+  from fnf_jax.diffusion import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
   pipe = pipeline_lib.load(folder)
   prompts = [c for c in world.captions() for _ in range(cfg.eval.seeds)]
   images = []
@@ -310,7 +379,7 @@ def sample_report(folder: str, cfg, *, step: int) -> dict:
   # Columns: the 12 captions; rows: their first (up to) 4 seeds.
   shown = images.reshape(len(world.captions()), cfg.eval.seeds, *images.shape[1:])[:, :4]
   world.save_grid(os.path.join(folder, "..", f"samples_{step:06d}.png"),
-                      shown.swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols=12)
+                  shown.swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols=12)
   report = {"step": step, "images": len(images),
             "color_right": float(verdict["color_right"].mean()),
             "shape_right": float(verdict["shape_right"].mean()),
@@ -322,8 +391,9 @@ def sample_report(folder: str, cfg, *, step: int) -> dict:
 
 
 def run(config, workdir: str) -> None:
-  """The `pretrain` job: the three stages (each skipped when its output is in WORKDIR)."""
-  os.makedirs(workdir, exist_ok=True)
-  vae_params, scaling_factor = train_vae(config, workdir)
-  train_reward(config, workdir, vae_params)
-  train_unet(config, workdir, vae_params, scaling_factor)
+  """The `pretrain` job: the three stages (each skipped when its output is in WORKDIR, else
+  resumed from its checkpoints in WORKDIR/<stage>)."""
+  with runlock.hold(workdir, distributed.is_writer()):
+    vae_params, scaling_factor = train_vae(config, workdir)
+    train_reward(config, workdir, vae_params)
+    train_unet(config, workdir, vae_params, scaling_factor)

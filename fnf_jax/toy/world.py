@@ -138,9 +138,9 @@ def batch(indices: Sequence[int], *, seed: int = 0, defect_rate: float = 0.3) ->
 def grid(images: np.ndarray, *, cols: int = 8, scale: int = 4, masks: np.ndarray | None = None,
          gap: int = 2) -> np.ndarray:
   """[B, H, W, 3] in [0, 1] -> one uint8 image, upscaled `scale`x (nearest), `gap` px apart;
-  with `masks` [B, H, W], the masked pixels outlined in magenta (fnf_jax/eval_report.py's grid,
+  with `masks` [B, H, W], the masked pixels outlined in magenta (fnf_jax/evaluation/report.py's grid,
   which the eval reports draw too)."""
-  from fnf_jax import eval_report  # pylint: disable=import-outside-toplevel
+  from fnf_jax.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   return eval_report.grid(images, masks, cols=cols, scale=scale, gap=gap)
 
 

@@ -1,0 +1,1 @@
+"""Evaluating runs: image metrics, analytic judges, the HTML report."""

@@ -1,0 +1,1 @@
+"""What a run stands on: the training loop, checkpoints and resume, the run lock, several processes, sharding, the log, compiling, the optimizer."""
