@@ -10,7 +10,7 @@ Real run:
     python -m fnf_jax.main --config=configs/alignment.py --workdir=/mnt/bucket/align \
         --config.model.path=/models/stable-diffusion-v1-4
 
-Prompts: all of PartiPrompts (./data/PartiPrompts.tsv), whose categories and challenges
+Prompts: all of PartiPrompts (the copy fnf_jax ships; or --config.prompts.path=...), whose categories and challenges
 (counting, spatial relations, text rendering) are what alignment fails at; narrow them with
 --config.prompts.categories='("Animals", "Artifacts")'.
 
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal'")
   c = focus_n_fix.base_config()
   c.prompts.source = "parti"
-  c.prompts.path = "data/PartiPrompts.tsv"
+  c.prompts.path = ""  # "": the PartiPrompts.tsv that fnf_jax ships (fnf_jax/assets)
   c.prompts.categories = ()  # all 1,632 prompts
   c.reward = focus_n_fix.rahf_reward("rahf_alignment")
   focus_n_fix.rahf_mask(c)

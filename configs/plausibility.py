@@ -16,8 +16,8 @@ Real run:
     python -m fnf_jax.main --config=configs/plausibility.py --workdir=/mnt/bucket/plaus \
         --config.model.path=/models/stable-diffusion-v1-4
 
-Prompts: PartiPrompts (PartiPrompts.tsv from google-research/parti), saved as
-./data/PartiPrompts.tsv; the People and Animals categories, where bodies go wrong.
+Prompts: PartiPrompts (PartiPrompts.tsv from google-research/parti; fnf_jax ships a copy, read
+when prompts.path is ""); the People and Animals categories, where bodies go wrong.
 
 Alternative without RAHF weights (`:laion`): the LAION aesthetic predictor on CLIP ViT-L/14 as
 the reward and the Grad-CAM saliency of its rating as the mask, a quality reward whose mask is
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"unknown config argument {arg!r}; valid: {ARGS[1:]}")
   c = focus_n_fix.base_config()
   c.prompts.source = "parti"
-  c.prompts.path = "data/PartiPrompts.tsv"
+  c.prompts.path = ""  # "": the PartiPrompts.tsv that fnf_jax ships (fnf_jax/assets)
   c.prompts.categories = ("People", "Animals")  # where hands, faces and bodies go wrong
   if arg and arg.startswith("laion"):
     c.reward = focus_n_fix.clip_reward("laion_aesthetic",

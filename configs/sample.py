@@ -23,11 +23,10 @@ import sys
 
 import ml_collections
 
+from fnf_jax import assets
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import focus_n_fix  # noqa: E402  (the shared distributed block)
-
-_TOY_PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "fnf_jax", "assets", "toy_pipeline")
 
 
 def get_config(arg: str | None = None):
@@ -65,7 +64,7 @@ def get_config(arg: str | None = None):
   config.sampling.negative_prompt = ""
 
   if arg == "runlocal":  # the toy world's model (configs/toy.py), its captions
-    config.model.path = _TOY_PIPELINE
+    config.model.path = assets.path("toy_pipeline")
     config.prompts.texts = tuple(f"a {c} {s}" for c in ("red", "green", "blue", "yellow")
                                  for s in ("circle", "square", "triangle"))
     config.batch_size = 12

@@ -25,8 +25,8 @@ import focus_n_fix  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import ml_collections  # noqa: E402
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fnf_jax",
-                       "assets")
+from fnf_jax import assets  # noqa: E402
+
 CAPTIONS = tuple(f"a {c} {s}" for c in ("red", "green", "blue", "yellow")
                  for s in ("circle", "square", "triangle"))
 
@@ -34,7 +34,7 @@ CAPTIONS = tuple(f"a {c} {s}" for c in ("red", "green", "blue", "yellow")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = focus_n_fix.base_config()
   c.job = "demo"
-  c.model.path = os.path.join(_ASSETS, "toy_pipeline")
+  c.model.path = assets.path("toy_pipeline")  # found through the installed package
   c.model.dtype = "float32"
   c.model.attention = "xla"
   c.model.unet_remat = False  # the toy models keep little; recomputing them would cost time

@@ -22,6 +22,10 @@ from fnf_jax.config import validate
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration (a configs/*.py file).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
+_CHECK = flags.DEFINE_boolean(
+    "check", False, "Only check: the config, every input it names, the mesh; print what the run "
+    "would read, the mesh, the weights' memory per device and the compilation cache's folder, "
+    "and exit (0: ready; 2: what is wrong or missing). Nothing loads or compiles.")
 
 
 class _QuietLibraries:
@@ -45,6 +49,13 @@ def run_job(config, workdir: str):
   return jobs.resolve(jobs.get(config.job).run)(config, workdir)
 
 
+def check(config, workdir: str) -> str:
+  """--check: both phases of checking `config`, and the report of what a run would do."""
+  inputs = validate.validate(config)
+  from fnf_jax.runtime import plan, preflight  # pylint: disable=import-outside-toplevel
+  return plan.describe(config, workdir, inputs, preflight.check(config))
+
+
 def unknown_override(config, argv: list[str]) -> str | None:
   """A message naming the first `--config.a.b=...` override whose key is not in `config`."""
   for arg in argv:
@@ -63,7 +74,7 @@ def unknown_override(config, argv: list[str]) -> str | None:
 
 
 def _load_config_file(argv: list[str]):
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  spec = _config_spec(argv)
   if spec is None:
     return None
   path, _, arg = spec.partition(":")
@@ -73,8 +84,23 @@ def _load_config_file(argv: list[str]):
   return module.get_config(arg or None) if arg else module.get_config()
 
 
+def _fatal(message: str):
+  print(f"FATAL: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a config-key typo turned into a message listing the valid keys."""
+  """absl flag parsing, where every mistake in the command line is one FATAL line and exit 2:
+  a config file that is not there or rejects its argument (`:runlocall`), an override of a key
+  the config lacks (the valid keys listed) or of the wrong type (`train.num_steps=abc`)."""
+  spec = _config_spec(argv)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    _fatal(f"--config={spec}: no such config file {spec.partition(':')[0]!r} (from the working "
+           f"directory {os.getcwd()}); the configs are the .py files of the checkout's configs/")
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -83,8 +109,14 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = unknown_override(_load_config_file(argv), argv)
     except Exception:  # pylint: disable=broad-except  # fall back to ml_collections' message
       pass
-    print(f"FATAL: {message or e}", file=sys.stderr)
-    sys.exit(2)
+    _fatal(message or e)
+  except flags.Error as e:
+    try:
+      _load_config_file(argv)
+    except Exception as load_error:  # pylint: disable=broad-except  # the config file's own
+      _fatal(f"--config={spec}: {type(load_error).__name__}: {load_error}")
+    # An override's value the config's type rejects: absl's first line names flag and value.
+    _fatal(f"{str(e).splitlines()[0]} (see the config file for the field's type)")
 
 
 def main(argv):
@@ -95,7 +127,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("job %s, workdir %s", _CONFIG.value.job, _WORKDIR.value)
   try:
-    run_job(_CONFIG.value, _WORKDIR.value)
+    if _CHECK.value:
+      print(check(_CONFIG.value, _WORKDIR.value))
+    else:
+      run_job(_CONFIG.value, _WORKDIR.value)
   except validate.ConfigError as e:  # a bad value: its message is the whole story
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(2)

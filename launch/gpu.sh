@@ -3,20 +3,34 @@
 #
 # Usage:  launch/gpu.sh [--dry-run] COMMAND [extra --config.* flags]
 #
+# Every command that trains runs the preflight first, the same command with --check (fnf_jax
+# checks the config and that every input it names is there, prints what it would load, loads
+# nothing, and exits 2 naming all that is missing), and starts the training only if it passed.
+#
 # Commands:
 #   setup   install this checkout with the pinned CUDA jax into the current Python (a venv):
 #             $PYTHON -m pip install -e <this checkout> 'jax[cuda12]>=0.10.2,<0.13'
+#           fnf_jax needs Python 3.11 or 3.12; where the system has another, make the venv with
+#           uv (https://docs.astral.sh/uv, e.g. `pip install --user uv==0.13.9`), which
+#           downloads its own CPython:
+#             uv venv --seed --python 3.12 .venv     # --seed: with pip, for setup
+#             PYTHON=.venv/bin/python launch/gpu.sh setup
 #   local   one host, all of its GPUs: one process, jax sees every visible GPU (restrict with
 #           CUDA_VISIBLE_DEVICES) and the batch is split over them.     needs WORKDIR MODEL
-#             $PYTHON -m fnf_jax.main --config=$CONFIG --workdir=$WORKDIR --config.model.path=$MODEL
+#             $PYTHON -m fnf_jax.main --config=$CONFIG --workdir=$WORKDIR --config.model.path=$MODEL \
+#               [--config.reward.clip_path=$CLIP --config.reward.weights=$REWARD_WEIGHTS \
+#                --config.prompts.path=$PROMPTS] --check
+#             $PYTHON -m fnf_jax.main ... (the same without --check)
 #   node    one process of a multi-node job, without a scheduler: run it on every node, with
 #           the same COORDINATOR and NUM_PROCESSES and PROCESS_ID = 0 .. NUM_PROCESSES-1
-#           (process 0 listens on COORDINATOR's port; start it first or together).
+#           (process 0 listens on COORDINATOR's port; start it first or together). Each node
+#           runs its own check first.
 #             ... --config.distributed.enabled=True --config.distributed.coordinator=$COORDINATOR
 #                 --config.distributed.num_processes=$NUM_PROCESSES
 #                 --config.distributed.process_id=$PROCESS_ID
 #                                        needs WORKDIR MODEL COORDINATOR NUM_PROCESSES PROCESS_ID
 #   slurm   the same job under SLURM, one task per node: inside an allocation (sbatch or salloc)
+#           the check on every node (srun ... --check), then
 #             srun --nodes=$NODES --ntasks-per-node=1 --gpus-per-node=$GPUS_PER_NODE \
 #               env JAX_LOCAL_DEVICE_IDS=0,..,$GPUS_PER_NODE-1 $PYTHON -m fnf_jax.main ... \
 #               --config.distributed.enabled=True
@@ -32,6 +46,11 @@
 #                  mounted bucket). Running the same command again resumes from its newest
 #                  checkpoint.
 #   MODEL          diffusers-format Stable Diffusion folder (fnf_jax downloads nothing)
+#   CLIP, REWARD_WEIGHTS, PROMPTS
+#                  optional: the reward's CLIP folder (--config.reward.clip_path), the reward
+#                  head's weights (--config.reward.weights), the prompt file
+#                  (--config.prompts.path); unset or "", the config's own values stand
+#                  (configs/violence.py: /models/clip-vit-large-patch14, ...)
 #   CONFIG         default configs/violence.py
 #   PYTHON         default python3 (e.g. .venv/bin/python)
 #   COORDINATOR    HOST:PORT of process 0, reachable from every node, e.g. node0:12355
@@ -91,8 +110,17 @@ need_int() {
 
 # The training command, without the distributed flags.
 main_cmd() {
+  input_flags ""
   MAIN=("$PYTHON" -m fnf_jax.main --config="$CONFIG" --workdir="$WORKDIR"
-    --config.model.path="$MODEL")
+    --config.model.path="$MODEL" ${INPUTS[@]+"${INPUTS[@]}"})
+}
+
+# checked CMD...: CMD with --check (the preflight), then CMD itself if that passed.
+checked() {
+  if ! x "$@" --check; then
+    die "the check failed (its message is above): the training was not started"
+  fi
+  x "$@"
 }
 
 case "$CMD" in
@@ -102,7 +130,7 @@ case "$CMD" in
   local)
     need WORKDIR MODEL
     main_cmd
-    x "${MAIN[@]}" "$@"
+    checked "${MAIN[@]}" "$@"
     ;;
   node)
     need WORKDIR MODEL COORDINATOR NUM_PROCESSES PROCESS_ID
@@ -111,7 +139,7 @@ case "$CMD" in
       die "PROCESS_ID must be below NUM_PROCESSES (got $PROCESS_ID of $NUM_PROCESSES)"
     [[ "$COORDINATOR" =~ ^[^:]+:[0-9]+$ ]] || die "COORDINATOR must be HOST:PORT (got '$COORDINATOR')"
     main_cmd
-    x "${MAIN[@]}" --config.distributed.enabled=True \
+    checked "${MAIN[@]}" --config.distributed.enabled=True \
       --config.distributed.coordinator="$COORDINATOR" \
       --config.distributed.num_processes="$NUM_PROCESSES" \
       --config.distributed.process_id="$PROCESS_ID" "$@"
@@ -125,7 +153,7 @@ case "$CMD" in
       ids+=",$i"
     done
     main_cmd
-    x srun --nodes="$NODES" --ntasks-per-node=1 --gpus-per-node="$GPUS_PER_NODE" \
+    checked srun --nodes="$NODES" --ntasks-per-node=1 --gpus-per-node="$GPUS_PER_NODE" \
       env JAX_LOCAL_DEVICE_IDS="$ids" "${MAIN[@]}" --config.distributed.enabled=True "$@"
     ;;
   help | -h | --help)

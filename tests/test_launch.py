@@ -1,14 +1,21 @@
-"""The launchers in launch/: shell scripts, the GKE manifest and the Colab notebook.
+"""The launchers in launch/: shell scripts, the GKE manifest, the image recipe and the Colab
+notebook.
 
 Nothing here reaches a cloud. The scripts run against fake `gcloud`, `xpk`, `kubectl`, `srun`,
-`tar` and `python3` that only record their arguments: a dry run must record nothing and print
-exactly the commands a real run makes. The training commands the launchers build are then run
-for real with this checkout (on the CPU, with a model folder that does not exist), which fails
-at config validation, after every flag has been parsed: an unknown `--config.*` key would fail
-differently. The TPU VM's remote command lines run in a fake home directory. The notebook's
-wiring check runs as written.
+`tar`, `python3` and `docker` that only record their arguments: a dry run must record nothing
+and print exactly the commands a real run makes. The commands the launchers build are then run
+for real with this checkout (on the CPU, with inputs that do not exist): the preflight
+(`--check`) and the run both stop at the missing inputs, naming each, after every flag has been
+parsed (an unknown `--config.*` key would fail differently). The TPU VM's remote command lines
+run in a fake worker home with fakes for what a worker has and this machine must not run (sudo,
+apt-get, curl, uv, gcsfuse). The container commands (XPK's, GKE's) run under bash with a fake
+`python`, to show the check gates the run and the run is the process that gets SIGTERM. The
+Dockerfile is read by a small parser and its install is replayed without Docker (see
+test_dockerfile_builds_and_installs_the_project). The notebook's install cell and wiring check
+run as written.
 """
 
+import ast
 import glob
 import json
 import os
@@ -18,23 +25,27 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import yaml  # PyYAML: required by flax, ml_collections and orbax, so always installed
+from packaging.requirements import Requirement  # pip's own dependency, always installed
+from packaging.specifiers import SpecifierSet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(LAUNCH, "*.sh")))
-FAKE_TOOLS = ("gcloud", "xpk", "kubectl", "srun", "tar", "python3")
+FAKE_TOOLS = ("gcloud", "xpk", "kubectl", "srun", "tar", "python3", "docker")
 TPU_PIN = "jax[tpu]>=0.10.2,<0.13"
 CUDA_PIN = "jax[cuda12]>=0.10.2,<0.13"
+VENV_PY = "$HOME/fnf_venv/bin/python"  # the TPU VM's virtualenv Python, as the remote lines name it
 
 # Settings the scripts read; the test environment starts without any of them.
 WORKDIR = "/mnt/bucket/runs/it's a test"  # a space and a quote: the quoting must hold
 SETTINGS = {
     "tpu_vm.sh": {"TPU_NAME": "fnf-test", "ZONE": "us-west4-a", "ACCELERATOR": "v5litepod-16",
-                  "RUNTIME_VERSION": "v2-alpha-tpuv5-lite", "WORKDIR": WORKDIR,
-                  "MODEL": "/mnt/bucket/models/sd14"},
+                  "RUNTIME_VERSION": "v2-alpha-tpuv5-lite", "BUCKET": "my-bucket",
+                  "WORKDIR": WORKDIR, "MODEL": "/mnt/bucket/models/sd14"},
     "xpk.sh": {"CLUSTER": "fnf-cluster", "ZONE": "us-west4-a", "TPU_TYPE": "v5litepod-16",
                "WORKLOAD": "fnf-violence", "IMAGE": "us-docker.pkg.dev/p/r/fnf_jax:1",
                "STORAGE": "models", "BUCKET": "my-models", "WORKDIR": WORKDIR,
@@ -44,10 +55,11 @@ SETTINGS = {
 }
 REQUIRED = {  # script -> command -> the variables it must refuse to run without
     "tpu_vm.sh": {"create": ("TPU_NAME", "ZONE", "ACCELERATOR", "RUNTIME_VERSION"),
-                  "setup": ("TPU_NAME", "ZONE"), "run": ("TPU_NAME", "ZONE", "WORKDIR", "MODEL"),
+                  "setup": ("TPU_NAME", "ZONE", "BUCKET"),
+                  "run": ("TPU_NAME", "ZONE", "BUCKET", "WORKDIR", "MODEL"),
                   "logs": ("TPU_NAME", "ZONE"), "stop": ("TPU_NAME", "ZONE"),
                   "delete": ("TPU_NAME", "ZONE")},
-    "xpk.sh": {"cluster": ("CLUSTER", "ZONE", "TPU_TYPE"),
+    "xpk.sh": {"image": ("IMAGE",), "cluster": ("CLUSTER", "ZONE", "TPU_TYPE"),
                "storage": ("CLUSTER", "ZONE", "STORAGE", "BUCKET"),
                "run": ("CLUSTER", "ZONE", "WORKLOAD", "IMAGE", "TPU_TYPE", "WORKDIR", "MODEL"),
                "list": ("CLUSTER", "ZONE"), "logs": ("WORKLOAD",),
@@ -56,11 +68,20 @@ REQUIRED = {  # script -> command -> the variables it must refuse to run without
                "node": ("WORKDIR", "MODEL", "COORDINATOR", "NUM_PROCESSES", "PROCESS_ID"),
                "slurm": ("WORKDIR", "MODEL", "NODES", "GPUS_PER_NODE")},
 }
-OPTIONAL = ("SPOT", "PROJECT", "CONFIG", "REPO_DIR", "LOG", "WORKER", "DRY_RUN", "NUM_SLICES",
-            "RESERVATION", "MOUNT", "MAX_RESTARTS", "PYTHON", "TMPDIR")
+OPTIONAL = ("SPOT", "PROJECT", "CONFIG", "REPO_DIR", "VENV", "PYTHON_VERSION", "LOG", "WORKER",
+            "DRY_RUN", "NUM_SLICES", "RESERVATION", "MOUNT", "MAX_RESTARTS", "PYTHON", "TMPDIR",
+            "CLIP", "REWARD_WEIGHTS", "PROMPTS", "FAKE_FAIL")
 ALL_SETTINGS = {k for s in SETTINGS.values() for k in s} | set(OPTIONAL)
 CASES = [(s, c) for s, cmds in REQUIRED.items() for c in cmds]
 EXTRA = "--config.train.num_steps=7"  # an extra flag `run` must pass through
+# The flags naming input files, which the preflight checks.
+INPUT_FLAGS = ("--config.model.path=", "--config.reward.clip_path=", "--config.reward.weights=",
+               "--config.prompts.path=")
+
+
+def uv_version() -> str:
+  with open(os.path.join(LAUNCH, "tpu_vm.sh")) as f:
+    return re.search(r"^UV_VERSION=(\S+)$", f.read(), re.M).group(1)
 
 
 def test_the_scripts_under_test_are_the_launchers():
@@ -113,7 +134,9 @@ def test_script_shape_and_manual(script, fake):
 
 # --- fake tools --------------------------------------------------------------------------------
 class Fake:
-  """A PATH whose first folder holds recording stand-ins for the cloud tools."""
+  """A PATH whose first folder holds recording stand-ins for the cloud tools. Each exits 0,
+  except where FAKE_FAIL is set and one of its arguments contains that text: then it exits 2
+  (a worker's check that failed)."""
 
   def __init__(self, tmp_path):
     self.dir = tmp_path
@@ -124,7 +147,9 @@ class Fake:
       tool = self.bin / name
       tool.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                       f"with open({str(self.log)!r}, 'a') as f:\n"
-                      "  f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
+                      "  f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n"
+                      "fail = os.environ.get('FAKE_FAIL')\n"
+                      "sys.exit(2 if fail and any(fail in a for a in sys.argv[1:]) else 0)\n")
       tool.chmod(0o755)
 
   def env(self, script, drop=(), **extra):
@@ -204,6 +229,29 @@ def remote_of(argv):
   return line
 
 
+def ssh_to_all(argv):
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "fnf-test"], argv
+  assert "--worker=all" in argv and "--zone=us-west4-a" in argv
+  return remote_of(argv)
+
+
+def shell_words(line: str) -> list[str]:
+  """A shell command line's words, with the operators (; && || | > &) words of their own."""
+  lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+  lexer.whitespace_split = True
+  return list(lexer)
+
+
+def main_args(line: str) -> list[str]:
+  """The fnf_jax command in a TPU VM remote line: from the virtualenv's Python to the first
+  shell operator after it."""
+  words = shell_words(line)
+  (start,) = [i for i, w in enumerate(words) if words[i:i + 3] == [VENV_PY, "-m", "fnf_jax.main"]]
+  end = next((i for i in range(start, len(words)) if words[i] in (">", "||", "&&", ";", "&")),
+             len(words))
+  return words[start:end]
+
+
 def test_tpu_vm_create(fake):
   (argv,) = dry(fake, "tpu_vm.sh", ["create"])
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "fnf-test"]
@@ -216,33 +264,91 @@ def test_tpu_vm_create(fake):
   assert proc.returncode != 0 and "SPOT" in proc.stderr and not fake.calls()
 
 
-def test_tpu_vm_setup_copies_to_every_worker_and_installs_pinned(fake):
-  pack, scp, ssh = dry(fake, "tpu_vm.sh", ["setup"])
+def test_tpu_vm_setup_provisions_python_mounts_the_bucket_and_installs_on_every_worker(fake):
+  pack, scp, mount, install = dry(fake, "tpu_vm.sh", ["setup"])
   assert pack[0] == "tar" and ROOT in pack and "--exclude=./.venv" in pack
   tarball = pack[pack.index("-czf") + 1]
   assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
   assert tarball in scp and "fnf-test:fnf_jax.tar.gz" in scp
-  assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in ssh
-  line = remote_of(ssh)
-  assert "python3 -m pip install" in line and TPU_PIN in shlex.split(line)
-  proc = fake.run("tpu_vm.sh", ["setup"], REPO_DIR="../elsewhere")
-  assert proc.returncode != 0 and "REPO_DIR" in proc.stderr and not fake.calls()
+  # The bucket: gcsfuse from Google's apt repository where missing, mounted unless it is.
+  line = ssh_to_all(mount)
+  assert "if mountpoint -q /mnt/bucket; then" in line
+  assert "if ! command -v gcsfuse" in line and "install -y gcsfuse" in line
+  assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" in line
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=10000 my-bucket /mnt/bucket" in line
+  # Python: uv at the pinned version, its own CPython 3.12, the project and the TPU jax in it.
+  line = ssh_to_all(install)
+  version = uv_version()
+  assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+  assert f"curl -LsSf https://astral.sh/uv/{version}/install.sh -o" in line
+  words = shell_words(line)
+  uv = "$HOME/.local/bin/uv"
+  venv = words.index("venv")
+  assert words[venv - 1] == uv and words[venv + 1:venv + 7] == [
+      "-q", "--clear", "--managed-python", "--python", "3.12", "$HOME/fnf_venv"]
+  pip = words.index("pip")
+  assert words[pip - 1] == uv and words[pip + 1:pip + 8] == [
+      "install", "-q", "--python", VENV_PY, "-e", ".", TPU_PIN]
+  assert "python3" not in words and "pip3" not in words  # the images' Python 3.10: never used
+  assert words.index("tar") < venv < pip  # unpacked, then the environment made, then installed
+  # Other settings, and the ones refused before anything runs.
+  (*_, install) = dry(fake, "tpu_vm.sh", ["setup"], PYTHON_VERSION="3.11", VENV="env2")
+  words = shell_words(remote_of(install))
+  assert "3.11" in words and "$HOME/env2" in words and "$HOME/env2/bin/python" in words
+  (_, _, mount, _) = dry(fake, "tpu_vm.sh", ["setup"], MOUNT="/gcs/", BUCKET="other.bucket")
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=10000 other.bucket /gcs;" in remote_of(mount)
+  for bad in ({"PYTHON_VERSION": "3.10"}, {"REPO_DIR": "../elsewhere"}, {"VENV": "a/b"},
+              {"BUCKET": "gs://my-bucket"}, {"MOUNT": "mnt/bucket"}):
+    proc = fake.run("tpu_vm.sh", ["setup"], **bad)
+    assert proc.returncode == 2 and list(bad)[0] in proc.stderr and not fake.calls(), bad
 
 
-def test_tpu_vm_run_starts_the_job_on_every_worker(fake):
-  (ssh,) = dry(fake, "tpu_vm.sh", ["run", EXTRA, "--config.seed=3"])
-  assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "fnf-test"]
-  assert "--worker=all" in ssh and "--zone=us-west4-a" in ssh
-  line = remote_of(ssh)
-  words = shlex.split(line)
-  i = words.index("fnf_jax.main")
-  assert words[i - 2:i] == ["python3", "-m"] and "nohup" in words
-  assert words[i + 1:i + 8] == [
-      "--config=configs/violence.py", f"--workdir={WORKDIR}",
-      "--config.model.path=/mnt/bucket/models/sd14", "--config.distributed.enabled=True",
-      EXTRA, "--config.seed=3", ">"]
-  (ssh,) = dry(fake, "tpu_vm.sh", ["run"], CONFIG="configs/plausibility.py")
-  assert "--config=configs/plausibility.py" in shlex.split(remote_of(ssh))
+def test_tpu_vm_run_checks_on_every_worker_then_starts_with_every_path(fake):
+  mount, check, start = dry(fake, "tpu_vm.sh", ["run", EXTRA, "--config.seed=3"])
+  assert ssh_to_all(mount) == ssh_to_all(dry(fake, "tpu_vm.sh", ["setup"])[2])  # after a reboot
+  run = main_args(ssh_to_all(start))
+  assert run == [
+      VENV_PY, "-m", "fnf_jax.main", "--config=configs/violence.py", f"--workdir={WORKDIR}",
+      "--config.model.path=/mnt/bucket/models/sd14",
+      "--config.reward.clip_path=/mnt/bucket/clip-vit-large-patch14",
+      "--config.reward.weights=/mnt/bucket/q16/prompts_vit_l14.safetensors",
+      "--config.prompts.path=/mnt/bucket/data/i2p_benchmark.csv",
+      "--config.distributed.enabled=True", EXTRA, "--config.seed=3"]
+  assert "nohup" in shell_words(remote_of(start))
+  # The check: the same command with --check, in the foreground on every worker, before.
+  line = ssh_to_all(check)
+  assert main_args(line) == run + ["--check"] and "nohup" not in line and "&" not in line.split()
+
+  def flags(**env):
+    *_, start = dry(fake, "tpu_vm.sh", ["run"], **env)
+    return main_args(remote_of(start))[3:]
+
+  assert flags(CLIP="/c", REWARD_WEIGHTS="", PROMPTS="/p q.csv")[3:5] == [
+      "--config.reward.clip_path=/c", "--config.prompts.path=/p q.csv"]
+  assert flags(MOUNT="/gcs", WORKDIR="/gcs/runs/v")[3:6] == [
+      "--config.reward.clip_path=/gcs/clip-vit-large-patch14",
+      "--config.reward.weights=/gcs/q16/prompts_vit_l14.safetensors",
+      "--config.prompts.path=/gcs/data/i2p_benchmark.csv"]
+  assert ("--config.reward.weights=/mnt/bucket/laion/nsfw_vit_l14.safetensors"
+          in flags(CONFIG="configs/oversexualization.py"))
+  # No defaults where the config's inputs have other fields (RAHF) or none (:runlocal).
+  for config in ("configs/plausibility.py", "configs/violence.py:runlocal"):
+    assert flags(CONFIG=config) == [
+        f"--config={config}", f"--workdir={WORKDIR}", "--config.model.path=/mnt/bucket/models/sd14",
+        "--config.distributed.enabled=True"]
+  proc = fake.run("tpu_vm.sh", ["run"], WORKDIR="/home/me/run")
+  assert proc.returncode == 2 and "WORKDIR must be under MOUNT" in proc.stderr
+  assert not fake.calls()
+
+
+@pytest.mark.parametrize("script,command", [("tpu_vm.sh", "run"), ("gpu.sh", "local"),
+                                            ("gpu.sh", "node"), ("gpu.sh", "slurm")])
+def test_a_failed_check_starts_nothing(script, command, fake):
+  commands = dry(fake, script, [command])
+  assert "--check" in commands[-2][-1] and "--check" not in " ".join(commands[-1])
+  proc = fake.run(script, [command], dry=False, FAKE_FAIL="--check")
+  assert proc.returncode == 2 and "not started" in proc.stderr, proc.stderr
+  assert fake.calls() == commands[:-1]  # everything up to the check; the start never ran
 
 
 def test_tpu_vm_logs_stop_delete(fake):
@@ -258,7 +364,18 @@ def test_tpu_vm_logs_stop_delete(fake):
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "fnf-test"]
 
 
+def xpk_command(argv) -> tuple[list[str], list[str], str]:
+  """The check's and the run's argv in `xpk workload create ... --command=LINE`, and LINE."""
+  (line,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  check, run = line.split(" && exec ")
+  return shlex.split(check), shlex.split(run), line
+
+
 def test_xpk(fake):
+  assert dry(fake, "xpk.sh", ["image"]) == [
+      ["docker", "build", "-f", os.path.join(LAUNCH, "Dockerfile"), "--build-arg",
+       "JAX_TARGET=tpu", "-t", "us-docker.pkg.dev/p/r/fnf_jax:1", ROOT],
+      ["docker", "push", "us-docker.pkg.dev/p/r/fnf_jax:1"]]
   (argv,) = dry(fake, "xpk.sh", ["cluster"])
   assert argv[:3] == ["xpk", "cluster", "create"]
   assert {"--cluster=fnf-cluster", "--tpu-type=v5litepod-16", "--num-slices=1",
@@ -274,10 +391,17 @@ def test_xpk(fake):
           "--docker-image=us-docker.pkg.dev/p/r/fnf_jax:1", "--num-slices=2",
           "--storage=models"} <= set(argv)
   assert any(a.startswith("--max-restarts=") for a in argv)
-  (command,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
-  assert shlex.split(command) == [
-      "python3", "-m", "fnf_jax.main", "--config=configs/violence.py", f"--workdir={WORKDIR}",
-      "--config.model.path=/models/sd14", "--config.distributed.enabled=True", EXTRA]
+  check, run, _ = xpk_command(argv)
+  assert run == [
+      "python", "-m", "fnf_jax.main", "--config=configs/violence.py", f"--workdir={WORKDIR}",
+      "--config.model.path=/models/sd14", "--config.reward.clip_path=/models/clip-vit-large-patch14",
+      "--config.reward.weights=/models/q16/prompts_vit_l14.safetensors",
+      "--config.prompts.path=/models/data/i2p_benchmark.csv",
+      "--config.distributed.enabled=True", EXTRA]
+  assert check == run + ["--check"]
+  check, run, _ = xpk_command(dry(fake, "xpk.sh", ["run"], MOUNT="/data", CLIP="")[0])
+  assert "--config.prompts.path=/data/data/i2p_benchmark.csv" in run
+  assert not any(a.startswith("--config.reward.clip_path") for a in run)
   assert not any(a.startswith("--storage") for a in dry(fake, "xpk.sh", ["run"], STORAGE="")[0])
   (argv,) = dry(fake, "xpk.sh", ["logs"])
   assert argv[:2] == ["kubectl", "logs"] and any("fnf-violence" in a for a in argv)
@@ -294,47 +418,69 @@ def test_gpu(fake):
   assert argv == ["python3", "-m", "pip", "install", "-e", ROOT, CUDA_PIN]
   main = ["python3", "-m", "fnf_jax.main", "--config=configs/violence.py",
           f"--workdir={WORKDIR}", "--config.model.path=/models/sd14"]
-  assert dry(fake, "gpu.sh", ["local", EXTRA]) == [main + [EXTRA]]
-  assert dry(fake, "gpu.sh", ["node", EXTRA]) == [main + [
+
+  def checked(argv):  # the check, then the same command
+    return [argv + ["--check"], argv]
+
+  assert dry(fake, "gpu.sh", ["local", EXTRA]) == checked(main + [EXTRA])
+  assert dry(fake, "gpu.sh", ["node", EXTRA]) == checked(main + [
       "--config.distributed.enabled=True", "--config.distributed.coordinator=node0:12355",
-      "--config.distributed.num_processes=2", "--config.distributed.process_id=1", EXTRA]]
+      "--config.distributed.num_processes=2", "--config.distributed.process_id=1", EXTRA])
   srun = ["srun", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4",
           "env", "JAX_LOCAL_DEVICE_IDS=0,1,2,3"]
-  assert dry(fake, "gpu.sh", ["slurm", EXTRA]) == [
-      srun + main + ["--config.distributed.enabled=True", EXTRA]]
+  assert dry(fake, "gpu.sh", ["slurm", EXTRA]) == checked(
+      srun + main + ["--config.distributed.enabled=True", EXTRA])
   # Inside an allocation SLURM's variables give the shape.
   inside = dry(fake, "gpu.sh", ["slurm"], drop=("NODES", "GPUS_PER_NODE"),
                SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="2")
   assert inside[0][:6] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--gpus-per-node=2",
                            "env", "JAX_LOCAL_DEVICE_IDS=0,1"]
   assert dry(fake, "gpu.sh", ["local"], PYTHON=".venv/bin/python")[0][0] == ".venv/bin/python"
+  # The input settings: passed when set, nothing guessed (there is no bucket layout here).
+  (check, run) = dry(fake, "gpu.sh", ["local"], CLIP="/w/clip", PROMPTS="/w/p.csv")
+  assert run == main + ["--config.reward.clip_path=/w/clip", "--config.prompts.path=/w/p.csv"]
   for bad in ({"PROCESS_ID": "2"}, {"PROCESS_ID": "x"}, {"COORDINATOR": "node0"}):
     proc = fake.run("gpu.sh", ["node"], **bad)
     assert proc.returncode != 0 and list(bad)[0] in proc.stderr and not fake.calls(), bad
 
 
 # --- the commands they build are ones fnf_jax accepts ------------------------------------------
-def training_commands(fake, tmp_path):
-  """Each launcher's training argv, with a model folder that does not exist."""
-  model = str(tmp_path / "no-model-here")
+def launcher_commands(fake, tmp_path):
+  """Each launcher's (check, run) argv lists, with a bucket folder that holds none of the inputs."""
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  over = {"MOUNT": str(bucket), "WORKDIR": str(bucket / "runs" / "w"),
+          "MODEL": str(bucket / "no-model-here")}
   out = {}
-  over = {"MODEL": model, "WORKDIR": str(tmp_path / "w")}
   for command in ("local", "node", "slurm"):
-    argv = dry(fake, "gpu.sh", [command, EXTRA], **over)[0]
-    out[f"gpu {command}"] = argv[argv.index("python3"):]
-  argv = dry(fake, "xpk.sh", ["run", EXTRA], **over)[0]
-  out["xpk run"] = shlex.split(next(a for a in argv if a.startswith("--command="))[10:])
-  words = shlex.split(remote_of(dry(fake, "tpu_vm.sh", ["run", EXTRA], **over)[0]))
-  start = words.index("python3")
-  out["tpu_vm run"] = words[start:words.index(">", start)]
+    check, run = dry(fake, "gpu.sh", [command, EXTRA], **over)
+    out[f"gpu {command}"] = (check[check.index("python3"):], run[run.index("python3"):])
+  check, run, _ = xpk_command(dry(fake, "xpk.sh", ["run", EXTRA], **over)[0])
+  out["xpk run"] = (check, run)
+  _, check, start = dry(fake, "tpu_vm.sh", ["run", EXTRA], **over)
+  out["tpu_vm run"] = (main_args(remote_of(check)), main_args(remote_of(start)))
   return out
+
+
+def input_paths(argv) -> list[str]:
+  return [a.split("=", 1)[1] for a in argv if a.startswith(INPUT_FLAGS)]
+
+
+def stopped_at_the_missing_inputs(proc, paths):
+  """fnf_jax parsed every flag and stopped before loading anything, naming each of `paths` as
+  missing."""
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 2, out[-3000:]
+  assert "FATAL" in proc.stderr and "unknown config key" not in out, out[-3000:]
+  for path in paths:
+    assert re.search(rf"{re.escape(repr(path))}: no such", out), (path, out[-3000:])
 
 
 def accepted_up_to_the_missing_model(proc):
   """fnf_jax parsed every flag and stopped at validation (the model folder is missing)."""
-  assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
-  assert "FATAL: config." in proc.stderr and "no such" in proc.stderr, proc.stderr[-3000:]
-  assert "unknown config key" not in proc.stderr, proc.stderr[-3000:]
+  model = re.search(r"config\.model\.path = ('[^']*'): no such", proc.stderr)
+  assert model, proc.stdout + proc.stderr[-3000:]
+  stopped_at_the_missing_inputs(proc, [ast.literal_eval(model.group(1))])
 
 
 def cpu_env(**extra):
@@ -343,85 +489,240 @@ def cpu_env(**extra):
   return env
 
 
-def test_fnf_jax_accepts_the_launchers_training_commands(fake, tmp_path):
-  commands = training_commands(fake, tmp_path)
+def test_fnf_jax_accepts_the_launchers_check_and_run_commands(fake, tmp_path):
+  commands = launcher_commands(fake, tmp_path)
   assert len(commands) == 5
-  for name, argv in commands.items():
-    assert argv[:3] == ["python3", "-m", "fnf_jax.main"], name
-    proc = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=cpu_env(),
-                          capture_output=True, text=True, timeout=120)
-    accepted_up_to_the_missing_model(proc)
+  for name, (check, run) in commands.items():
+    assert run[1:3] == ["-m", "fnf_jax.main"] and check == run + ["--check"], name
+    paths = input_paths(run)
+    if name.startswith(("xpk", "tpu_vm")):  # every input under the bucket, by default
+      assert len(paths) == 4 and all(p.startswith(str(tmp_path / "bucket")) for p in paths), name
+    for argv in (check, run):
+      proc = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=cpu_env(),
+                            capture_output=True, text=True, timeout=120)
+      stopped_at_the_missing_inputs(proc, paths)
 
 
-def python3_wrapper(folder):
+def test_a_launchers_check_passes_where_the_inputs_are_there(fake, tmp_path):
+  """A :runlocal config names no input files (tiny random models, an analytic reward), so the
+  check gpu.sh runs first passes: exit 0, nothing trained. The launcher adds no reward flags
+  to such a config (its reward has no CLIP: they would be unknown keys)."""
+  check, _ = dry(fake, "gpu.sh", ["local"], CONFIG="configs/violence.py:runlocal", MODEL="tiny",
+                 WORKDIR=str(tmp_path / "w"))
+  assert check[-1] == "--check" and input_paths(check) == ["tiny"]
+  proc = subprocess.run([sys.executable] + check[1:], cwd=ROOT, env=cpu_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def fake_python(folder, log):
+  """A `python` that records its argv and pid, and fails --check with $CHECK_RC."""
   folder.mkdir(exist_ok=True)
-  wrapper = folder / "python3"
-  wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-  wrapper.chmod(0o755)
+  tool = folder / "python"
+  tool.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                  f"with open({str(log)!r}, 'a') as f:\n"
+                  "  f.write(json.dumps([os.getpid()] + sys.argv[1:]) + '\\n')\n"
+                  "sys.exit(int(os.environ['CHECK_RC']) if '--check' in sys.argv else 0)\n")
+  tool.chmod(0o755)
+  return folder
+
+
+def run_with_fake_python(argv, tmp_path, check_rc):
+  """Runs `argv` with the fake python; (its pid, exit status, the python calls)."""
+  log = tmp_path / "python-calls.jsonl"
+  if log.exists():
+    log.unlink()
+  env = dict(os.environ, CHECK_RC=str(check_rc),
+             PATH=f"{fake_python(tmp_path / 'fakepy', log)}{os.pathsep}{os.environ['PATH']}")
+  proc = subprocess.Popen(argv, env=env, cwd=tmp_path)
+  proc.wait(timeout=60)
+  calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  return proc.pid, proc.returncode, calls
+
+
+def test_xpk_container_command_checks_then_execs_the_run(fake, tmp_path):
+  """Under XPK's wrapper (its container command: a SIGTERM trap that forwards to $!, then
+  `(COMMAND) & PID=$!; ... wait $PID`) the check gates the run, and the run is the process with
+  XPK's PID: the one a preemption's SIGTERM reaches, so that the training saves a checkpoint."""
+  check, run, line = xpk_command(dry(fake, "xpk.sh", ["run", EXTRA])[0])
+  pidfile = tmp_path / "xpk.pid"
+  wrapper = ("_sigterm() (kill -SIGTERM $! 2>/dev/null;); trap _sigterm SIGTERM; "
+             f"({line}) & PID=$!; echo $PID > {shlex.quote(str(pidfile))}; wait $PID")
+  _, status, calls = run_with_fake_python(["bash", "-c", wrapper], tmp_path, check_rc=0)
+  assert status == 0 and [c[1:] for c in calls] == [check[1:], run[1:]]
+  assert calls[1][0] == int(pidfile.read_text())  # the training is XPK's $PID
+  _, status, calls = run_with_fake_python(["bash", "-c", wrapper], tmp_path, check_rc=2)
+  assert status == 2 and [c[1:] for c in calls] == [check[1:]]  # the check failed: no run
+
+
+# --- the TPU VM's remote lines, on a fake worker -------------------------------------------------
+FAKE_UV = '''import json, os, shutil, sys
+with open(os.environ["WORKER_LOG"], "a") as f:
+  f.write(json.dumps(["uv"] + sys.argv[1:]) + "\\n")
+if sys.argv[1:] == ["--version"]:
+  print("uv VERSION (fake)")
+elif sys.argv[1] == "venv":  # a virtualenv whose python is this machine's
+  target = sys.argv[-1]
+  if "--clear" in sys.argv:
+    shutil.rmtree(target, ignore_errors=True)
+  os.makedirs(os.path.join(target, "bin"))
+  with open(os.path.join(target, "bin", "python"), "w") as f:
+    f.write('#!/bin/sh\\nexec PYTHON "$@"\\n')
+  os.chmod(os.path.join(target, "bin", "python"), 0o755)
+'''
+
+
+def worker_tools(folder, log):
+  """What a fresh TPU VM worker has (or this machine must not really run), as recording fakes
+  in `folder`: sudo (runs mkdir and chown, swallows tee's input, records the rest), apt-get
+  (through sudo: `install gcsfuse` puts a fake gcsfuse into `folder`, which has none before),
+  lsb_release, curl (the apt key; uv's installer, a script that installs the fake uv where
+  UV_INSTALL_DIR says and refuses to edit shell profiles), mountpoint and gcsfuse (a marker
+  file in the mount folder)."""
+  folder.mkdir()
+  record = (f"#!{sys.executable}\nimport json, os, subprocess, sys\n"
+            f"with open({str(log)!r}, 'a') as f:\n"
+            "  f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n")
+  uv = FAKE_UV.replace("VERSION", uv_version()).replace("PYTHON", shlex.quote(sys.executable))
+  installer = ("#!/bin/sh\nset -e\n[ \"$UV_NO_MODIFY_PATH\" = 1 ] || exit 1\n"
+               "mkdir -p \"$UV_INSTALL_DIR\"\n"
+               f"cat > \"$UV_INSTALL_DIR/uv\" <<'EOF'\n#!{sys.executable}\n{uv}EOF\n"
+               "chmod +x \"$UV_INSTALL_DIR/uv\"\n")
+  gcsfuse = record + "open(os.path.join(sys.argv[-1], '.fake-mounted'), 'w').close()\n"
+  tools = {
+      "sudo": record + (
+          "args = sys.argv[1:]\n"
+          "while '=' in args[0]:\n  args = args[1:]\n"
+          "if args[0] in ('mkdir', 'chown'):\n  subprocess.run(args, check=True)\n"
+          "elif args[0] == 'tee':\n  sys.stdin.read()\n"
+          "elif args[0] == 'apt-get' and args[-2:] == ['-y', 'gcsfuse']:\n"
+          f"  path = {str(folder / 'gcsfuse')!r}\n"
+          f"  open(path, 'w').write({gcsfuse!r})\n  os.chmod(path, 0o755)\n"),
+      "lsb_release": record + "print('jammy')\n",
+      "curl": record + (
+          "if '-o' in sys.argv:\n"
+          f"  open(sys.argv[sys.argv.index('-o') + 1], 'w').write({installer!r})\n"
+          "else:\n  print('FAKE KEY')\n"),
+      "mountpoint": record + "sys.exit(0 if os.path.exists(os.path.join(sys.argv[-1], "
+                             "'.fake-mounted')) else 1)\n",
+  }
+  for name, text in tools.items():
+    (folder / name).write_text(text)
+    (folder / name).chmod(0o755)
   return folder
 
 
 def test_tpu_vm_remote_lines_work_on_a_worker(fake, tmp_path):
-  """The remote lines, run by bash in a fake worker home: setup unpacks and installs, run
-  starts fnf_jax in the background with its log and pid file, refuses a second run, stop
-  sends SIGTERM."""
-  home = tmp_path / "home"
+  """The remote lines, run by bash in a fake worker home: setup installs gcsfuse and mounts the
+  bucket (once: again it does nothing), unpacks the checkout, installs the pinned uv (once),
+  makes the virtualenv and installs into it; the check refuses to pass without the setup and
+  names every missing input after it; run starts fnf_jax in the background with its log and
+  pid file, refuses a second run (so does setup); stop sends SIGTERM."""
+  home, bucket = tmp_path / "home", tmp_path / "bucket"
   home.mkdir()
-  worker_env = dict(cpu_env(HOME=str(home)))
-  # setup: the tarball the local tar makes (real tar), "copied" by scp, unpacked remotely;
-  # pip is the fake python3.
-  pack, _, ssh = dry(fake, "tpu_vm.sh", ["setup"])
-  subprocess.run(pack, check=True, timeout=120)  # the real tar, on this checkout
+  log = tmp_path / "worker.jsonl"
+  tools = worker_tools(tmp_path / "worker_bin", log)
+  env = cpu_env(HOME=str(home), WORKER_LOG=str(log),
+                PATH=f"{tools}{os.pathsep}{os.environ['PATH']}")
+
+  def on_worker(line):
+    return subprocess.run(["bash", "-c", line], cwd=home, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+  def worker_calls():
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return calls
+
+  over = {"MOUNT": str(bucket), "WORKDIR": str(bucket / "runs" / "w"),
+          "MODEL": str(bucket / "no-model-here")}
+  pack, _, mount, install = dry(fake, "tpu_vm.sh", ["setup"], **over)
+  _, check, start = dry(fake, "tpu_vm.sh", ["run", EXTRA], **over)
+  mount, install, check, start = map(remote_of, (mount, install, check, start))
+  # The bucket: gcsfuse installed from Google's repository, then mounted; the second time,
+  # nothing (already mounted).
+  proc = on_worker(mount)
+  assert proc.returncode == 0, proc.stderr
+  calls = worker_calls()
+  assert calls[0] == ["mountpoint", "-q", str(bucket)] and ["lsb_release", "-cs"] in calls
+  # The pipelines' commands (curl | sudo tee, echo | sudo tee) run at once: order them by kind.
+  pipes = [c for c in calls if c[0] == "curl" or c[1:2] == ["tee"]]
+  assert sorted(pipes) == [["curl", "-fsSL", "https://packages.cloud.google.com/apt/doc/apt-key.gpg"],
+                           ["sudo", "tee", "/etc/apt/sources.list.d/gcsfuse.list"],
+                           ["sudo", "tee", "/usr/share/keyrings/cloud.google.asc"]]
+  apt = "sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq".split()
+  assert calls[len(pipes) + 2:] == [
+      apt + ["update"], apt + ["install", "-y", "gcsfuse"], ["sudo", "mkdir", "-p", str(bucket)],
+      ["sudo", "chown", f"{os.getuid()}:{os.getgid()}", str(bucket)],
+      ["gcsfuse", "--implicit-dirs", "--rename-dir-limit=10000", "my-bucket", str(bucket)]]
+  proc = on_worker(mount)
+  assert proc.returncode == 0 and "mounted already" in proc.stdout
+  assert worker_calls() == [["mountpoint", "-q", str(bucket)]]
+  # The check before setup: no virtualenv, so it fails, saying so.
+  proc = on_worker(check)
+  assert proc.returncode == 2 and "setup first" in proc.stderr
+  # setup: the tarball the local tar makes (real tar), "copied" by scp, unpacked remotely; uv
+  # installed, the virtualenv made, the project installed into it, the versions printed.
+  subprocess.run(pack, check=True, timeout=120)
   shutil.copy(pack[pack.index("-czf") + 1], home / "fnf_jax.tar.gz")
   (home / "fnf_jax").mkdir()
   (home / "fnf_jax" / "stale").write_text("from an older copy")
-  pip_only = tmp_path / "pip_only"  # the recording python3 alone (the worker's tar is real)
-  pip_only.mkdir()
-  shutil.copy(fake.bin / "python3", pip_only / "python3")
-  proc = subprocess.run(["bash", "-c", remote_of(ssh)], cwd=home, capture_output=True, text=True,
-                        env=dict(worker_env, PATH=f"{pip_only}{os.pathsep}{os.environ['PATH']}"),
-                        timeout=60)
+  proc = on_worker(install)
   assert proc.returncode == 0, proc.stderr
+  assert re.search(r": Python 3\.1[12]\.\d+, jax \d", proc.stdout), proc.stdout
   assert (home / "fnf_jax" / "setup.py").is_file()
   assert (home / "fnf_jax" / "configs" / "violence.py").is_file()
   assert not (home / "fnf_jax" / ".venv").exists() and not (home / "fnf_jax" / "stale").exists()
-  installs = [c for c in fake.calls() if c[:4] == ["python3", "-m", "pip", "install"]]
-  assert installs and installs[-1][-3:] == ["-e", ".", TPU_PIN]
-  # run: the real python, on this checkout's configs, with a model folder that does not exist.
-  fake.reset()
-  worker_env["PATH"] = f"{python3_wrapper(tmp_path / 'pybin')}{os.pathsep}{os.environ['PATH']}"
-  (ssh,) = dry(fake, "tpu_vm.sh", ["run", EXTRA], MODEL=str(tmp_path / "no-model-here"),
-               WORKDIR=str(tmp_path / "w"))
-  proc = subprocess.run(["bash", "-c", remote_of(ssh)], cwd=home, env=worker_env,
-                        capture_output=True, text=True, timeout=60)
+  assert (home / ".local" / "bin" / "uv").is_file()
+  calls = worker_calls()
+  assert calls[0][:2] == ["curl", "-LsSf"] and calls[0][2].endswith(f"/{uv_version()}/install.sh")
+  assert [c[:2] for c in calls[1:]] == [["uv", "venv"], ["uv", "pip"]]  # no uv before
+  assert calls[-1][-3:] == ["-e", ".", TPU_PIN]
+  proc = on_worker(install)  # again: the pinned uv is there, so no download; a fresh venv
+  assert proc.returncode == 0, proc.stderr
+  assert [c[:2] for c in worker_calls()] == [["uv", "--version"], ["uv", "venv"], ["uv", "pip"]]
+  # The check after setup, with the virtualenv's Python (this machine's): every input is
+  # missing from the bucket, each is named, the worker says the check failed.
+  proc = on_worker(check)
+  assert "the check failed (exit 2)" in proc.stderr
+  stopped_at_the_missing_inputs(proc, input_paths(main_args(check)))
+  # run: fnf_jax started in the background; it stops at the same missing inputs.
+  proc = on_worker(start)
   assert proc.returncode == 0 and "started" in proc.stdout, proc.stderr
   assert int((home / "fnf_jax.log.pid").read_text())
-  log, deadline = home / "fnf_jax.log", time.time() + 60
-  while "FATAL" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+  out, deadline = home / "fnf_jax.log", time.time() + 60
+  while "FATAL" not in (out.read_text() if out.exists() else "") and time.time() < deadline:
     time.sleep(0.2)
-  assert "FATAL: config." in log.read_text() and "unknown config key" not in log.read_text()
-  # A second run while the pid file names a live process is refused.
+  assert "FATAL" in out.read_text() and "unknown config key" not in out.read_text()
+  assert f"{str(bucket / 'no-model-here')!r}: no such" in out.read_text()
+  # A second run, or a setup, while the pid file names a live process is refused.
   (home / "fnf_jax.log.pid").write_text(str(os.getpid()))
-  proc = subprocess.run(["bash", "-c", remote_of(ssh)], cwd=home, env=worker_env,
-                        capture_output=True, text=True, timeout=60)
-  assert proc.returncode == 1 and "still alive" in proc.stderr
+  for line in (start, install):
+    proc = on_worker(line)
+    assert proc.returncode == 1 and "still alive" in proc.stderr
+  assert (home / "fnf_jax" / "setup.py").is_file()  # the refused setup removed nothing
   # stop: SIGTERM to the pid in the pid file.
   sleeper = subprocess.Popen(["sleep", "60"])
   try:
     (home / "fnf_jax.log.pid").write_text(str(sleeper.pid))
     (ssh,) = dry(fake, "tpu_vm.sh", ["stop"])
-    subprocess.run(["bash", "-c", remote_of(ssh)], cwd=home, env=worker_env, check=True,
-                   timeout=60)
+    subprocess.run(["bash", "-c", remote_of(ssh)], cwd=home, env=env, check=True, timeout=60)
     assert sleeper.wait(timeout=10) == -15 and not (home / "fnf_jax.log.pid").exists()
   finally:
     if sleeper.poll() is None:
       sleeper.kill()
 
 
-# --- GKE -----------------------------------------------------------------------------------------
-def test_gke_job_manifest(tmp_path):
+# --- GKE and the image -----------------------------------------------------------------------------
+def gke_container():
   with open(os.path.join(LAUNCH, "gke_job.yaml")) as f:
     service, job = yaml.safe_load_all(f)
+  return service, job, job["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_gke_job_manifest(tmp_path):
+  service, job, container = gke_container()
   assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
   assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
   name = job["metadata"]["name"]
@@ -436,26 +737,256 @@ def test_gke_job_manifest(tmp_path):
   assert spec["template"]["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
   assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4"  # 4 hosts
   assert spec["completions"] == 4
-  (container,) = pod["containers"]
+  assert pod["containers"] == [container]
   command = container["command"]
-  assert command[:3] == ["python3", "-m", "fnf_jax.main"]
-  assert "--config.distributed.enabled=True" in command
-  assert not any("job=cache" in a for a in command)  # one command: the cache comes first by itself
+  # bash runs the check, then execs the run (the container's main process, which gets
+  # SIGTERM), both with the flags that follow ($0, then "$@").
+  assert command[:2] == ["bash", "-c"]
+  assert command[2] == 'python -m fnf_jax.main "$@" --check && exec python -m fnf_jax.main "$@"'
+  flags = command[4:]
+  assert "--config.distributed.enabled=True" in flags
+  assert not any("job=cache" in a for a in flags)  # one command: the cache comes first by itself
   assert container["resources"]["limits"]["google.com/tpu"] == 4
   (volume,) = pod["volumes"]
   assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
-  mounts = [m["mountPath"] for m in container["volumeMounts"]]
-  for arg in command:
-    if arg.startswith(("--workdir=", "--config.model.path=", "--config.prompts.path=")):
-      path = arg.split("=", 1)[1]
-      assert any(path.startswith(m + "/") for m in mounts), arg  # on the bucket
-  # The command is one fnf_jax accepts: with the bucket's paths under an empty folder here, it
-  # stops at the missing model folder.
-  (mount,) = mounts
-  local = [a.replace(f"={mount}/", f"={tmp_path}/") for a in command[1:]]
-  proc = subprocess.run([sys.executable] + local, cwd=ROOT, env=cpu_env(),
-                        capture_output=True, text=True, timeout=120)
-  accepted_up_to_the_missing_model(proc)
+  (mount,) = [m["mountPath"] for m in container["volumeMounts"]]
+  paths = input_paths(flags)
+  assert len(paths) == 4  # model, CLIP, reward weights, prompts: none left to /models defaults
+  for arg in flags:
+    if arg.startswith(INPUT_FLAGS + ("--workdir=",)):
+      assert arg.split("=", 1)[1].startswith(mount + "/"), arg  # on the bucket
+  # The container's command line as bash runs it: the check gates the run; exec.
+  for check_rc, expected in ((0, [flags + ["--check"], flags]), (2, [flags + ["--check"]])):
+    pid, status, calls = run_with_fake_python(command, tmp_path, check_rc)
+    assert status == check_rc and [c[3:] for c in calls] == expected
+    assert all(c[1:3] == ["-m", "fnf_jax.main"] for c in calls)
+  pid, _, calls = run_with_fake_python(command, tmp_path, 0)
+  assert calls[1][0] == pid  # exec: the training replaced bash
+  # fnf_jax accepts the flags: with the bucket's paths under an empty folder here, the check
+  # and the run both stop at the missing inputs, naming each.
+  local = [a.replace(f"={mount}/", f"={tmp_path}/") for a in flags]
+  for argv in (local + ["--check"], local):
+    proc = subprocess.run([sys.executable, "-m", "fnf_jax.main"] + argv, cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=120)
+    stopped_at_the_missing_inputs(proc, input_paths(local))
+
+
+DOCKERFILE = os.path.join(LAUNCH, "Dockerfile")
+DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT"}
+
+
+def dockerfile_stages(path=DOCKERFILE) -> list[dict]:
+  """The Dockerfile's build stages, read the way `docker build` reads them: comments dropped,
+  backslash continuations joined, an instruction's leading --flags apart. Each stage is a dict:
+  base, name, args (ARG defaults), and steps, a list of (INSTRUCTION, {flag: value}, rest)."""
+  with open(path) as f:
+    lines = f.read().split("\n")
+  stages, pending = [], ""
+  for line in lines:
+    if line.lstrip().startswith("#") or not (pending or line.strip()):
+      continue
+    if line.endswith("\\"):
+      pending += line[:-1]
+      continue
+    text, pending = (pending + line).strip(), ""
+    instruction, _, rest = text.partition(" ")
+    instruction = instruction.upper()
+    assert instruction in DOCKER_INSTRUCTIONS, text  # docker would reject a typo; we use no other
+    flags = {}
+    while rest.startswith("--"):
+      flag, _, rest = rest.partition(" ")
+      key, _, value = flag[2:].partition("=")
+      flags[key] = value
+      rest = rest.strip()
+    if instruction == "FROM":
+      base, _, name = rest.partition(" AS ")
+      stages.append({"base": base.strip(), "name": name.strip(), "args": {}, "steps": []})
+      continue
+    assert stages, f"{instruction} before the first FROM"
+    if instruction == "ARG":
+      key, _, value = rest.partition("=")
+      stages[-1]["args"][key] = value
+    stages[-1]["steps"].append((instruction, flags, rest))
+  return stages
+
+
+def setup_py() -> dict:
+  """setup()'s literal keyword arguments in setup.py."""
+  with open(os.path.join(ROOT, "setup.py")) as f:
+    tree = ast.parse(f.read())
+  (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"]
+  return {k.arg: ast.literal_eval(k.value) for k in call.keywords
+          if k.arg in ("name", "version", "python_requires", "install_requires")}
+
+
+def dockerignore_kept(relpath: str) -> bool:
+  """Whether .dockerignore keeps `relpath` in the build context: Docker's rules (the last
+  pattern that matches the path or one of its parent folders decides; '!' keeps; * and ? stay
+  within a folder, ** crosses folders)."""
+  with open(os.path.join(ROOT, ".dockerignore")) as f:
+    patterns = [p.strip() for p in f if p.strip() and not p.startswith("#")]
+  parts = relpath.split("/")
+  candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+  kept = True
+  for pattern in patterns:
+    negate = pattern.startswith("!")
+    pattern = os.path.normpath(pattern.lstrip("!"))
+    regex = "".join(
+        "(.*/)?" if tok == "**/" else ".*" if tok == "**" else "[^/]*" if tok == "*" else
+        "[^/]" if tok == "?" else re.escape(tok)
+        for tok in re.findall(r"\*\*/|\*\*|\*|\?|[^*?]+", pattern))
+    if any(re.fullmatch(regex, c) for c in candidates):
+      kept = negate
+  return kept
+
+
+def context_files(sources) -> list[str]:
+  """The checkout's files under `sources` (files or folders) that the build context holds."""
+  out = []
+  for src in sources:
+    full = os.path.join(ROOT, src)
+    assert os.path.exists(full), f"COPY {src}: not in the checkout"
+    if os.path.isfile(full):
+      out.append(src.rstrip("/"))
+      continue
+    for folder, _, names in os.walk(full):
+      for name in names:
+        rel = os.path.relpath(os.path.join(folder, name), ROOT)
+        if dockerignore_kept(rel):
+          out.append(rel)
+  return out
+
+
+def copy_into(stage, dest_root):
+  """Replays the stage's COPY instructions from the build context into the folder `dest_root`
+  (standing for the image's /); returns the stage's WORKDIR there."""
+  workdir = "/"
+  for instruction, flags, rest in stage["steps"]:
+    if instruction == "WORKDIR":
+      workdir = os.path.join(workdir, rest)
+    elif instruction == "COPY" and "from" not in flags:
+      *sources, dest = rest.split()
+      target = os.path.join(dest_root, os.path.join(workdir, dest).lstrip("/"))
+      for rel in context_files(sources):
+        src_root = next(s.rstrip("/") for s in sources if rel == s.rstrip("/") or
+                        rel.startswith(s.rstrip("/") + "/"))
+        inside = os.path.relpath(rel, src_root) if rel != src_root else os.path.basename(rel)
+        path = os.path.join(target, inside)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), path)
+  return os.path.join(dest_root, workdir.lstrip("/"))
+
+
+def test_dockerignore_matcher_follows_docker_rules():
+  """The matcher the next tests use, on this .dockerignore: the files the image needs are kept,
+  the rest (the virtualenv, caches, tests) stays out of the build context."""
+  assert dockerignore_kept("setup.py") and dockerignore_kept("fnf_jax/main.py")
+  assert dockerignore_kept("fnf_jax/assets/toy_defect.safetensors")
+  assert dockerignore_kept("configs/violence.py")
+  for left_out in (".venv/bin/python", ".git/HEAD", "tests/test_launch.py", "README.md",
+                   "fnf_jax/__pycache__/main.cpython-311.pyc", "fnf_jax.egg-info/PKG-INFO"):
+    assert not dockerignore_kept(left_out), left_out
+
+
+def test_dockerfile_recipe(fake):
+  """launch/Dockerfile, as its parser reads it: Python bases in setup.py's range; the project's
+  wheel built in a stage of its own from setup.py and fnf_jax/ alone; the runtime installs that
+  wheel and the accelerator's jax in a bounded range (setup.py's), copies configs/ into its
+  working folder and runs `python -m fnf_jax.main`, the program the XPK and GKE commands call."""
+  stages = dockerfile_stages()
+  assert len(stages) == 2
+  wheel, runtime = stages
+  python_requires = SpecifierSet(setup_py()["python_requires"])
+  for stage in stages:
+    match = re.fullmatch(r"python:(3\.\d+)-slim", stage["base"])
+    assert match and match.group(1) in python_requires, stage["base"]  # 3.11 or 3.12
+  # Stage 1: only setup.py and the package go in; the wheel comes out.
+  copies = [rest.split() for instruction, flags, rest in wheel["steps"] if instruction == "COPY"]
+  assert sorted(src for *sources, _ in copies for src in sources) == ["fnf_jax/", "setup.py"]
+  (build,) = [shlex.split(rest) for instruction, _, rest in wheel["steps"] if instruction == "RUN"]
+  assert build[:4] == ["pip", "wheel", "--no-deps", "--no-cache-dir"] and build[-1] == "."
+  wheel_dir = build[build.index("--wheel-dir") + 1]
+  # Stage 2: the wheel (bound from stage 1) and jax for JAX_TARGET, in bounded ranges.
+  (install_step,) = [(flags, rest) for instruction, flags, rest in runtime["steps"]
+                     if instruction == "RUN"]
+  flags, rest = install_step
+  mount = dict(item.split("=", 1) for item in flags["mount"].split(","))
+  assert mount["from"] == wheel["name"] and mount["source"] == wheel_dir
+  args = shlex.split(rest)
+  assert args[:2] == ["pip", "install"]
+  assert args[2] == f"{mount['target']}/fnf_jax-*.whl"
+  assert runtime["args"]["JAX_TARGET"] == "tpu"
+  requirements = [Requirement(a.replace("${JAX_TARGET}", target)) for a in args[3:]
+                  for target in ("tpu", "cuda12", "cpu")]
+  assert requirements
+  setup_jax = next(Requirement(r) for r in setup_py()["install_requires"] if r.startswith("jax"))
+  for req in requirements:
+    operators = {s.operator for s in req.specifier}
+    assert operators & {">=", ">", "==", "~="} and operators & {"<", "<=", "==", "~="}, req
+    if req.name == "jax":
+      assert req.specifier == setup_jax.specifier and req.extras <= {"tpu", "cuda12", "cpu"}
+  steps = [(instruction, rest) for instruction, _, rest in runtime["steps"]]
+  assert steps.index(("WORKDIR", "/fnf_jax")) < steps.index(("COPY", "configs/ configs/"))
+  (entrypoint,) = [json.loads(rest) for instruction, rest in steps if instruction == "ENTRYPOINT"]
+  assert entrypoint == ["python", "-m", "fnf_jax.main"]
+  # The commands the launchers give the container call that program.
+  _, _, container = gke_container()
+  assert container["command"][2].startswith(" ".join(entrypoint) + " ")
+  check, run, _ = xpk_command(dry(fake, "xpk.sh", ["run"])[0])
+  assert check[:3] == run[:3] == entrypoint
+
+
+def test_dockerfile_builds_and_installs_the_project(tmp_path):
+  """The Dockerfile's install, replayed without Docker: stage 1's COPY instructions, from a
+  build context that .dockerignore filters, into a folder of their own, and its pip wheel
+  there (offline: --no-build-isolation); so those files are enough to build the wheel. The
+  wheel holds every module and asset of the package and asks for setup.py's dependencies in
+  setup.py's ranges. Installed (without its dependencies, which this checkout's environment
+  has), with stage 2's COPY into the image's working folder, the ENTRYPOINT runs there with the
+  GKE manifest's flags: fnf_jax from the wheel, the configs found, the missing inputs named."""
+  wheel_stage, runtime = dockerfile_stages()
+  src = copy_into(wheel_stage, tmp_path / "stage1")
+  assert sorted(os.listdir(src)) == ["fnf_jax", "setup.py"]
+  (build,) = [shlex.split(rest) for instruction, _, rest in wheel_stage["steps"]
+              if instruction == "RUN"]
+  wheels = tmp_path / "wheels"
+  argv = build[:2] + ["--no-build-isolation"] + [
+      str(wheels) if a == build[build.index("--wheel-dir") + 1] else a for a in build[2:]]
+  proc = subprocess.run([sys.executable, "-m"] + argv, cwd=src, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  setup = setup_py()
+  (wheel,) = glob.glob(str(wheels / "fnf_jax-*.whl"))  # the name stage 2 installs
+  with zipfile.ZipFile(wheel) as z:
+    names = set(z.namelist())
+    metadata = z.read(f"fnf_jax-{setup['version']}.dist-info/METADATA").decode()
+  package = {os.path.relpath(p, ROOT) for p in context_files(["fnf_jax/"])}
+  assert package <= names, sorted(package - names)[:10]  # every module and asset
+  assert any(n.startswith("fnf_jax/assets/toy_pipeline/") for n in names)
+  requires = [line.split(": ", 1)[1] for line in metadata.splitlines()
+              if line.startswith("Requires-Dist: ") and "extra ==" not in line]
+  assert sorted(map(Requirement, requires), key=str) == sorted(
+      map(Requirement, setup["install_requires"]), key=str)
+  assert f"Requires-Python: {setup['python_requires']}" in metadata
+  # Stage 2: the wheel installed (its dependencies are this environment's), configs/ copied.
+  site = tmp_path / "site"
+  proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                         "--target", str(site), wheel], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  workdir = copy_into(runtime, tmp_path / "image")
+  assert os.listdir(workdir) == ["configs"]
+  env = cpu_env(PYTHONPATH=str(site))
+  where = subprocess.run([sys.executable, "-c", "import fnf_jax; print(fnf_jax.__file__)"],
+                         cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
+  assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+  (entrypoint,) = [json.loads(rest) for instruction, _, rest in runtime["steps"]
+                   if instruction == "ENTRYPOINT"]
+  _, _, container = gke_container()
+  flags = [a.replace("=/models/", f"={tmp_path}/models/") for a in container["command"][4:]]
+  for argv in (flags + ["--check"], flags):
+    proc = subprocess.run([sys.executable] + entrypoint[1:] + argv, cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=120)
+    stopped_at_the_missing_inputs(proc, input_paths(flags))
 
 
 # --- Colab ---------------------------------------------------------------------------------------
@@ -551,10 +1082,15 @@ def test_notebook_cells_cover_the_steps():
   assert "%cd /content/fnf_jax" in code and 'drive.mount("/content/drive")' in code
   real = [shlex.split(line) for line in kinds["real"]]
   assert any("--config.job=cache" in argv for argv in real)  # the cache on its own, first
-  train = [argv for argv in real if not any(a.startswith("--config.job=") for a in argv)]
+  train = [argv for argv in real if not any(a.startswith(("--config.job=", "--check"))
+                                             for a in argv)]
   assert train and all(any(a.startswith("--config.model.path=/content/drive/") for a in argv)
                        and any(a.startswith("--workdir=/content/drive/") for a in argv)
                        for argv in train)
+  # The check of the training's inputs comes before the cache and the training, and is the
+  # training's command with --check.
+  checks = [i for i, argv in enumerate(real) if "--check" in argv]
+  assert checks == [0] and [real[0][:-1]] == train and len(input_paths(train[0])) == 4
 
 
 def test_notebook_demo_is_make_demo():
@@ -576,12 +1112,72 @@ def test_notebook_real_config_lines_are_accepted(tmp_path):
     accepted_up_to_the_missing_model(proc)
 
 
+def notebook_fakes(folder):
+  """`git` (clone makes the folder, with a setup.py) and `pip` that record argv and folder."""
+  folder.mkdir()
+  for name, extra in (("git", "if sys.argv[1] == 'clone':\n"
+                              "  os.makedirs(sys.argv[-1])\n"
+                              "  open(os.path.join(sys.argv[-1], 'setup.py'), 'w').close()\n"),
+                      ("pip", "")):
+    (folder / name).write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"with open({str(folder / 'calls.jsonl')!r}, 'a') as f:\n"
+        "  f.write(json.dumps([os.path.basename(sys.argv[0]), os.getcwd()] + sys.argv[1:]) + '\\n')\n"
+        + extra)
+    (folder / name).chmod(0o755)
+  return folder
+
+
+def run_install_cell(tmp_path, content) -> tuple[dict, str, list]:
+  """The notebook's install cell run as IPython runs it, with /content at `content`: the Python
+  lines executed, the `!` lines with {name} expanded from the cell's variables and run by a
+  shell (git and pip: recording fakes), %cd changing the folder. Returns the cell's variables,
+  the folder it ended in and the fakes' calls."""
+  (cell,) = [c for c in load_notebook()["cells"] if "git clone" in source(c)]
+  fakes = notebook_fakes(tmp_path / "nbfakes")
+  env = dict(os.environ, PATH=f"{fakes}{os.pathsep}{os.environ['PATH']}")
+  variables, cwd = {}, "/"
+  for line in source(cell).split("\n"):
+    line = re.sub(r"/content(?=/|$| )", str(content), line)
+    if line.startswith("!"):
+      line = re.sub(r"\{(\w+)\}", lambda m: str(variables[m.group(1)]), line[1:])
+      subprocess.run(["bash", "-c", line], cwd=cwd, env=env, check=True, timeout=60)
+    elif line.startswith("%cd "):
+      cwd = os.path.join(cwd, line[len("%cd "):].strip())
+      assert os.path.isdir(cwd), line
+    else:
+      exec(line, variables)  # pylint: disable=exec-used  # the notebook's own Python lines
+  log = fakes / "calls.jsonl"
+  return variables, cwd, [json.loads(x) for x in log.read_text().splitlines()]
+
+
+def test_notebook_install_cell_clones_repo_url_unless_the_checkout_is_there(tmp_path):
+  """REPO_URL is a real repository URL, not a placeholder: the cell clones from it into
+  /content/fnf_jax when that holds no checkout, and installs that folder with the TPU jax."""
+  variables, cwd, calls = run_install_cell(tmp_path, tmp_path / "content")
+  url = variables["REPO_URL"]
+  assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url), url
+  assert not re.search(r"your|user|placeholder|example|<", url, re.I), url
+  target = str(tmp_path / "content" / "fnf_jax")
+  assert calls == [["git", "/", "clone", "--depth", "1", url, target],
+                   ["pip", target, "install", "-q", "-e", ".", TPU_PIN]]
+  assert cwd == target
+
+
 def test_notebook_wiring_check_runs_on_the_cpu(tmp_path):
+  """The install cell on a /content that already holds the checkout (this one): nothing is
+  cloned, the checkout is installed (pip: a fake) and becomes the folder; there the wiring
+  check runs as written."""
+  content = tmp_path / "content"
+  content.mkdir()
+  os.symlink(ROOT, content / "fnf_jax")
+  _, cwd, calls = run_install_cell(tmp_path, content)
+  assert calls == [["pip", os.path.realpath(content / "fnf_jax"), "install", "-q", "-e", ".",
+                    TPU_PIN]]
   (line,) = classify(load_notebook())["wiring"]
   argv = on_this_machine(line, tmp_path)
-  proc = subprocess.run(argv, cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+  proc = subprocess.run(argv, cwd=cwd, env=cpu_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   workdir = tmp_path / "content" / "runlocal"
   assert (workdir / "metrics.jsonl").is_file() and os.listdir(workdir / "checkpoints")
-

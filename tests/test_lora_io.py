@@ -5,6 +5,9 @@ pipeline from the same x_T, with guidance."""
 
 import json
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 
 import jax
@@ -229,6 +232,32 @@ def test_keys_and_shapes_that_do_not_fit_are_named(ours, exported, tmp_path):
     ours.generate(PROMPTS, lora=exported[0])
 
 
+def test_a_pickle_lora_is_refused_with_the_command_that_converts_it(ours, exported, tmp_path):
+  unet = ours.params["unet"]
+  tensors = {k: torch.from_numpy(v) for k, v in _read(exported[1]).items()}
+  path = str(tmp_path / "pytorch_lora_weights.bin")
+  torch.save(tensors, path)  # diffusers' older save_lora_weights: a pickle in a zip
+  renamed = str(tmp_path / "renamed.safetensors")  # the same bytes, known by their header
+  shutil.copy(path, renamed)
+  messages = []
+  for source in (renamed, path):
+    with pytest.raises(ValueError) as refused:
+      lora_io.load(source, unet)
+    messages.append(str(refused.value))
+    assert messages[-1].startswith(f"{source}: a pickle file")
+    assert "pickle files are not loaded (they can run code); convert it to safetensors with: " \
+        "python -c \"" in messages[-1] and "not a readable" not in messages[-1]
+  assert messages[0].endswith(f"and use {tmp_path}/renamed.converted.safetensors")
+  # The command given converts it, and the result loads as the LoRA it holds.
+  command = messages[1].split("convert it to safetensors with: ")[1].split(" and use ")[0]
+  subprocess.run(shlex.split(command.replace("python", shlex.quote(sys.executable), 1)),
+                 check=True, capture_output=True)
+  converted = str(tmp_path / "pytorch_lora_weights.safetensors")
+  assert messages[1].endswith(f"and use {converted}")
+  tree, _ = lora_io.load(converted, unet)
+  _assert_same_tree(tree, exported[0])
+
+
 def test_lora_init_of_another_rank_or_other_layers_is_refused(ours, exported):
   unet = ours.params["unet"]
   cfg = lambda **kw: ml_collections.ConfigDict(
@@ -322,5 +351,8 @@ def test_training_starts_from_lora_init(tmp_path):
   del older["lora"]["init"], older["model"]["lora"]
   with open(os.path.join(workdir, record.CONFIG), "w") as f:
     json.dump(older, f)
+  # Checkpoints of such a run hold no settings: their record is config.json.
+  for step in os.listdir(os.path.join(workdir, "checkpoints")):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step, checkpoint.SETTINGS))
   fresh.model.lora = path
   assert record.check_resume(fresh, workdir) == {"model.lora": ("", path)}

@@ -8,13 +8,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+from fnf_jax import assets
 from fnf_jax.fnf import method
 from fnf_jax.data import prompts
 from fnf_jax.models import lora
 from fnf_jax.rewards import masks
 from fnf_jax.rewards import registry
 
-PARTI = os.path.join(os.path.dirname(__file__), "data", "PartiPrompts.tsv")
+PARTI = assets.path(assets.PARTI_PROMPTS)  # the copy fnf_jax ships
 
 
 # ------------------------------------------------------------------------------------ masks

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fnf_jax.data import paths
 from fnf_jax.data import pickapic, tfrecord
 from richhf_fixture import write_mini_richhf
 
@@ -249,3 +250,12 @@ def test_cli_fails_at_once_on_a_folder_without_parquet(world, tmp_path):
   proc = _cli("--richhf", world.root, "--pickapic", str(empty), "--out", world.root)
   assert proc.returncode == 2 and f"folder {str(empty)!r} holds no .parquet files" in proc.stderr
   assert not os.path.exists(os.path.join(world.root, "prompts.json"))
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("train/a.png", True), ("a.png", True), ("train/..a.png", True),
+    ("../a.png", False), ("train/../../a.png", False), ("/etc/a.png", False),
+    ("\\\\server\\a.png", False), ("train//a.png", False), ("./a.png", False),
+    ("train\\..\\..\\a.png", False), ("", False), ("a\0.png", False)])
+def test_one_rule_keeps_dataset_file_names_inside_their_folder(name, ok):
+  assert paths.confined(name) is ok

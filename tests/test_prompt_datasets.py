@@ -11,12 +11,13 @@ import sys
 import ml_collections
 import pytest
 
+from fnf_jax import assets
 from fnf_jax.data import prompt_datasets
 from fnf_jax.data import prompts
 from fnf_jax.data import tfds_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTI = os.path.join(ROOT, "tests", "data", "PartiPrompts.tsv")
+PARTI = assets.path(assets.PARTI_PROMPTS)  # the copy fnf_jax ships
 
 # A dozen rows in the I2P benchmark's layout (a subset of its columns, in its order).
 I2P_HEADER = ["prompt", "categories", "hard", "inappropriate_percentage", "nudity_percentage",

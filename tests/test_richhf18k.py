@@ -4,6 +4,7 @@
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -135,3 +136,32 @@ def test_missing_manual_files_are_named_with_how_to_get_them(tmp_path):
   with pytest.raises(tfds_lib.DataError, match="does not exist"):
     tfds_lib.prepare(richhf18k.Richhf18k, data_dir=str(tmp_path / "data"),
                      manual_dir=str(tmp_path / "nowhere"))
+
+
+def test_file_names_outside_images_are_refused_naming_record_and_file(tmp_path):
+  manifest = write_mini_richhf(tmp_path / "manual", n_train=3, n_dev=3, n_test=1, seed=5)
+  dev = manifest["splits"]["dev"]
+  # Real images outside images/, which a record could otherwise reach: one beside the manual
+  # folder's files (../), one by an absolute path.
+  outside = str(tmp_path / "manual" / "outside.png")
+  shutil.copy(dev["records"][0]["image_path"], outside)
+  names = {0: "../outside.png", 1: outside}
+  records = list(tfrecord.read_records(dev["path"]))
+  with open(manifest["prompts_path"]) as f:
+    prompts = json.load(f)
+  for index, name in names.items():
+    raw = tfrecord.decode_example(records[index])
+    raw["filename"] = [name.encode()]
+    records[index] = tfrecord.encode_example(raw)
+    prompts[name] = dev["records"][index]["prompt"]  # only the name is wrong
+  tfrecord.write_records(dev["path"], records)
+  with open(manifest["prompts_path"], "w") as f:
+    json.dump(prompts, f)
+  builder, dropped = tfds_lib.prepare(richhf18k.Richhf18k, data_dir=str(tmp_path / "data"),
+                                      manual_dir=str(tmp_path / "manual"))
+  assert builder.info.splits["dev"].num_examples == 1  # neither image was read in
+  got = {d["name"]: d["reason"] for d in dropped if d["split"] == "dev"}
+  assert got.keys() == set(names.values())
+  for index, name in names.items():
+    assert got[name] == (f"unsafe_filename: {dev['path']}: record {index} names {name!r}, not "
+                         f"a relative path inside {tmp_path / 'manual' / 'images'}; refused")

@@ -1,6 +1,7 @@
 """The real training loop on tiny random models: sharding, resume, cache, failure modes."""
 
 import json
+import math
 import os
 import re
 
@@ -9,6 +10,7 @@ import pytest
 
 from configs import violence
 from fnf_jax import main
+from fnf_jax.config import validate
 from fnf_jax.fnf import run as run_lib
 from fnf_jax.runtime import loop as loop_lib
 
@@ -137,8 +139,10 @@ def test_training_on_a_fresh_workdir_computes_the_cache_first(tmp_path):
                                     np.load(os.path.join(folder(fresh), name)), err_msg=name)
 
 
-def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
-  # Only the (injected) learning rate differs from the other runs: the same compiled step.
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, monkeypatch):
+  # Only the (injected) learning rate differs from the other runs: the same compiled step. The
+  # config check refuses such a rate (validate.MAX_LR); lifted here to reach the step's guard.
+  monkeypatch.setattr(validate, "MAX_LR", math.inf)
   config = tiny_config(**{"optim.lr": 1e30, "checkpoint.every": 1})
   with pytest.raises(loop_lib.NonFiniteLossError, match=r"at step (\d+).*Last good checkpoint: step"):
     main.run_job(config, str(tmp_path))

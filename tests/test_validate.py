@@ -14,7 +14,7 @@ from fnf_jax.config import validate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = "configs/violence.py:runlocal"
 # The real violence config with what a laptop has: tiny models, the shipped PartiPrompts file.
-REAL = ("model.path=tiny", "prompts.source=parti", "prompts.path=tests/data/PartiPrompts.tsv")
+REAL = ("model.path=tiny", "prompts.source=parti", "prompts.path=")
 
 # (config, override, what the message must say)
 CASES = [
@@ -63,8 +63,9 @@ CASES = [
     (TRAIN, "mask.dilation=-1", "config.mask.dilation = -1 is not valid: it must be an integer >= 0"),
     (TRAIN, "mask.blur=-1.0", "config.mask.blur = -1.0 is not valid: it must be a number in [0.0, inf)"),
     (TRAIN, "reward.sigma=0.0", "config.reward.sigma = 0.0 is not valid: it must be a number in (0.0, inf)"),
-    (TRAIN, "optim.lr=0.0", "config.optim.lr = 0.0 is not valid: it must be a number in (0.0, inf)"),
-    (TRAIN, "optim.lr=-0.001", "config.optim.lr = -0.001 is not valid: it must be a number in (0.0, inf)"),
+    (TRAIN, "optim.lr=0.0", "config.optim.lr = 0.0 is not valid: it must be a number in (0.0, 1.0]"),
+    (TRAIN, "optim.lr=1e30", "config.optim.lr = 1e+30 is not valid: it must be a number in (0.0, 1.0]"),
+    (TRAIN, "optim.lr=-0.001", "config.optim.lr = -0.001 is not valid: it must be a number in (0.0, 1.0]"),
     (TRAIN, "optim.warmup_steps=-1", "config.optim.warmup_steps = -1 is not valid: it must be an integer >= 0"),
     (TRAIN, "optim.decay_steps=0", "config.optim.decay_steps = 0 is not valid: it must be an integer >= 1"),
     (TRAIN, "optim.b1=1.0", "config.optim.b1 = 1.0 is not valid: it must be a number in [0.0, 1.0)"),
@@ -89,11 +90,11 @@ CASES = [
     (TRAIN, "log.image_every=-1", "config.log.image_every = -1 is not valid: it must be an integer >= 0"),
     (TRAIN, "model.path=/nonexistent/sd15", "config.model.path = '/nonexistent/sd15': no such folder"),
     (TRAIN, "lora.init=/nowhere/lora.safetensors", "config.lora.init = '/nowhere/lora.safetensors': no such file or folder"),
-    ("configs/violence.py", "model.path=", "config.model.path is empty. Pass a diffusers-format"),
+    ("configs/violence.py", "model.path=", "config.model.path is empty. Get a diffusers-format"),
     ("configs/violence.py", "model.path=tiny", "config.prompts.path = 'data/i2p_benchmark.csv': no such file"),
     # the RAHF rewards: their folders and file, before the diffusion model loads
     ("configs/plausibility.py:runlocal", "reward.max_prompt_tokens=1", "config.reward.max_prompt_tokens = 1 is not valid: it must be an integer >= 2"),
-    ("configs/alignment.py:runlocal", "reward.weights=/nowhere/rahf.safetensors", "config.reward.vit_path = '': no such folder"),
+    ("configs/alignment.py:runlocal", "reward.weights=/nowhere/rahf.safetensors", "config.reward.vit_path is empty. Get the ViT that RAHF was fine-tuned from"),
     ("configs/alignment.py:runlocal", ("reward.weights=/nowhere/rahf.safetensors", "reward.vit_path=tests", "reward.t5_path=tests"), "config.reward.weights = '/nowhere/rahf.safetensors': no such file"),
     # the sample job
     ("configs/sample.py:runlocal", "seeds=()", "config.seeds = () is not valid: it must be a non-empty tuple"),

@@ -15,6 +15,8 @@ ATTENTION = ("auto", "xla", "chunked", "cudnn", "splash")
 
 # Prompt sources (fnf_jax/data/prompts.py) and their splits.
 PROMPT_SOURCES = ("list", "text", "parti", "i2p")
+# The header columns a parti (tab-separated) / i2p (comma-separated) prompt file must have.
+PROMPT_COLUMNS = {"parti": ("Prompt", "Category"), "i2p": ("prompt", "categories")}
 PROMPT_SPLITS = ("train", "eval", "all")
 
 # The training step: where the gradient flows through the sampler, where Î0 comes from, M.

@@ -1,10 +1,10 @@
 """The vocabulary of config checks: one function per kind of field (an integer in a range, one
-of a set, a string, an existing file...). Each reads `config.<dotted key>` and raises
-ConfigError with a message that names the key, the value and what is valid. No jax here.
+of a set, a string; the files and folders a config names are fnf_jax/config/inputs.py). Each
+reads `config.<dotted key>` and raises ConfigError with a message that names the key, the value
+and what is valid. No jax here.
 """
 
 import math
-import os
 
 from fnf_jax.config.errors import ConfigError
 
@@ -58,18 +58,3 @@ def text(config, key: str, *, nonempty: bool = False) -> None:
   if not isinstance(v, str) or (nonempty and not v):
     raise ConfigError(f"config.{key} = {v!r} is not valid: it must be a "
                       f"{'non-empty ' if nonempty else ''}string")
-
-
-def existing(config, key: str, *, folder: bool) -> None:
-  path = value(config, key)
-  if not (os.path.isdir(path) if folder else os.path.isfile(path)):
-    raise ConfigError(f"config.{key} = {path!r}: no such {'folder' if folder else 'file'}")
-
-
-def lora_source(config, key: str) -> None:
-  """A LoRA to read (fnf_jax/models/lora_io.py): "" = none, else a file or a run's workdir."""
-  text(config, key)
-  path = value(config, key)
-  if path and not os.path.exists(path):
-    raise ConfigError(f"config.{key} = {path!r}: no such file or folder (a LoRA .safetensors "
-                      "file or a training run's workdir; \"\" = none)")

@@ -13,39 +13,43 @@ import re
 
 from fnf_jax.config import choices
 from fnf_jax.data import reward_datasets
+from fnf_jax.config import inputs as inputs_lib
 from fnf_jax.config.errors import ConfigError
 # The checks' vocabulary (each message names the key, the value and what is valid); the plugins'
 # checks use it through this module.
-from fnf_jax.config.fields import (boolean, existing, integer, lora_source, number, one_of, text,
-                                   value)
+from fnf_jax.config.fields import boolean, integer, number, one_of, text, value
+from fnf_jax.config.inputs import existing, lora_source, prompt_file
 from fnf_jax import jobs
 from fnf_jax.evaluation import judges
 from fnf_jax.rewards import registry
 
 
-def validate(config) -> None:
-  """Raises ConfigError for the first invalid value of `config` (its job picks the rules)."""
+def validate(config) -> list[inputs_lib.Input]:
+  """Raises ConfigError for the first invalid value of `config` (its job picks the rules), or
+  MissingInputs naming every file and folder it names that is not there; returns those inputs
+  (what a run would read)."""
   job = value(config, "job")
   if job not in jobs.names():
     raise ConfigError(f"config.job = {job!r} is not one of {jobs.names()}")
-  jobs.resolve(jobs.get(job).check)(config)
+  with inputs_lib.gathering_inputs() as inputs:
+    try:
+      jobs.resolve(jobs.get(job).check)(config)
+    except ConfigError as e:
+      missing = [i for i in dict.fromkeys(inputs) if not i.present]
+      if missing:  # a bad value after missing inputs: say both at once
+        raise ConfigError(f"{e}\n{inputs_lib.MissingInputs(missing)}") from None
+      raise
+  inputs = list(dict.fromkeys(inputs))  # a rule set may check one input twice (the toy demo)
+  missing = [i for i in inputs if not i.present]
+  if missing:
+    raise inputs_lib.MissingInputs(missing)
+  return inputs
 
 
 # --- rule sets --------------------------------------------------------------------------------
-MODEL_HELP = (
-    "config.model.path is empty. Pass a diffusers-format Stable Diffusion folder (safetensors) "
-    "with --config.model.path=/models/stable-diffusion-v1-4: download it once on a machine with "
-    "network access, e.g. `huggingface-cli download CompVis/stable-diffusion-v1-4 --local-dir "
-    "/models/stable-diffusion-v1-4` (accept the licence first), and copy it to the VM or bucket. "
-    "For a wiring check without weights use the config's `:runlocal` variant.")
-
-
 def model(config, *, tiny_ok: bool) -> None:
-  path = value(config, "model.path")
-  if not path:
-    raise ConfigError(MODEL_HELP)
-  if not (tiny_ok and path == "tiny"):
-    existing(config, "model.path", folder=True)
+  if not (tiny_ok and value(config, "model.path") == "tiny"):
+    existing(config, "model.path", folder=True, inside="model_index.json")
   one_of(config, "model.dtype", choices.DTYPES)
   one_of(config, "model.attention", choices.ATTENTION)
 
@@ -57,8 +61,10 @@ def prompts(config) -> None:
     if not texts or not all(isinstance(t, str) for t in texts):
       raise ConfigError(f"config.prompts.texts = {texts!r} is not valid: prompts.source = "
                         "'list' needs a non-empty tuple of prompts")
-  else:
-    existing(config, "prompts.path", folder=False)
+  elif value(config, "prompts.path") or value(config, "prompts.source") != "parti":
+    # (parti with no path reads the copy fnf_jax ships)
+    if existing(config, "prompts.path", folder=False):
+      prompt_file(value(config, "prompts.path"), value(config, "prompts.source"))
   if value(config, "prompts.source") in ("parti", "i2p"):  # read through TFDS (prompts.py)
     text(config, "prompts.data_dir")
   number(config, "prompts.eval_fraction", 0.0, 1.0, open_high=True)
@@ -72,29 +78,36 @@ def reward(config, key: str = "reward") -> None:
     raise ConfigError(f"config.{key}.name = {name!r} is not one of {tuple(sorted(entries))}")
   for field in entries[name].fields:
     value(config, f"{key}.{field}")
-  fields = value(config, key).keys()
-  if "dtype" in fields:
+  have = value(config, key).keys()
+  if "dtype" in have:
     one_of(config, f"{key}.dtype", choices.DTYPES)
-  if "saliency" in fields:
+  if "saliency" in have:
     one_of(config, f"{key}.saliency", choices.SALIENCY_METHODS)
-  if "remat" in fields:
+  if "remat" in have:
     boolean(config, f"{key}.remat")
-  if "gradcam_sigma" in fields:
+  if "gradcam_sigma" in have:
     number(config, f"{key}.gradcam_sigma", 0.0)
-  if "sigma" in fields:
+  if "sigma" in have:
     number(config, f"{key}.sigma", 0.0, open_low=True)
-  if "scale" in fields:
+  if "scale" in have:
     number(config, f"{key}.scale", 0.0, open_low=True)
-  if "prompt_encoder" in fields:
+  if "prompt_encoder" in have:
     integer(config, f"{key}.prompt_encoder", 0, 1)
-  if "max_prompt_tokens" in fields:
+  if "max_prompt_tokens" in have:
     integer(config, f"{key}.max_prompt_tokens", 2)
   if entries[name].fields == registry.RAHF_FIELDS and value(config, f"{key}.weights") != "tiny":
     # Checked here, before the diffusion model loads ("tiny": random weights, no folders).
     existing(config, f"{key}.vit_path", folder=True)
     existing(config, f"{key}.t5_path", folder=True)
     existing(config, f"{key}.weights", folder=False)
-  if "color" in fields:
+  if "clip_path" in have:  # the CLIP rewards (and the heads on CLIP: q16, laion_*)
+    existing(config, f"{key}.clip_path", folder=None)
+    for field in ("tokenizer", "prompt_tokenizer"):
+      if field in have and value(config, f"{key}.{field}"):
+        existing(config, f"{key}.{field}", folder=True)
+    if "weights" in entries[name].fields:
+      existing(config, f"{key}.weights", folder=False)
+  if "color" in have:
     color = value(config, f"{key}.color")
     if len(color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in color):
       raise ConfigError(f"config.{key}.color = {color!r} is not valid: it must be an RGB "
@@ -239,8 +252,13 @@ def training(config) -> None:
   eval_block(config)
 
 
+# Adam moves each weight by about lr a step: above 1 a step outweighs the weights themselves, and
+# a run at lr = 1e30 stopped only after compiling, at its first non-finite loss.
+MAX_LR = 1.0
+
+
 def optim(config) -> None:
-  number(config, "optim.lr", 0.0, open_low=True)
+  number(config, "optim.lr", 0.0, MAX_LR, open_low=True)
   one_of(config, "optim.schedule", choices.LR_SCHEDULES)
   integer(config, "optim.warmup_steps", 0)
   integer(config, "optim.decay_steps", 1)

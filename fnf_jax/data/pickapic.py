@@ -42,6 +42,7 @@ import json
 import os
 from typing import Callable, Iterable, Sequence
 
+from fnf_jax.data import paths
 from fnf_jax.data import tfrecord
 
 COLUMNS = ("caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1")
@@ -80,8 +81,7 @@ def uid_of(filename: str) -> str:
 
 def _check_filename(filename: str, where: str) -> None:
   # The filename becomes a path under out_dir/images: keep it there.
-  parts = filename.replace("\\", "/").split("/")
-  if not uid_of(filename) or filename.startswith(("/", "\\")) or {"", ".", ".."} & set(parts):
+  if not uid_of(filename) or not paths.confined(filename):
     raise PickapicError(f"{where}: filename {filename!r} is not a relative path to an image")
 
 

@@ -42,6 +42,7 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fnf_jax.config import choices
 from fnf_jax.data import tfds_lib
 from fnf_jax.data.text import decode
 
@@ -49,8 +50,7 @@ SPLIT = "full"
 # The manual folder is the one holding the file; configs name the file itself (prompts.path).
 PARTI_INSTRUCTIONS = (
     "The manual folder must hold PartiPrompts.tsv, from github.com/google-research/parti (the "
-    "repository's root; this project ships a copy at tests/data/PartiPrompts.tsv): e.g. save "
-    "it as data/PartiPrompts.tsv and pass --config.prompts.path=data/PartiPrompts.tsv. "
+    "repository's root; fnf_jax ships a copy, read when prompts.path is \"\"). "
     "Tab-separated, header Prompt, Category, Challenge, Note.")
 I2P_INSTRUCTIONS = (
     "The manual folder must hold i2p_benchmark.csv, from huggingface.co/datasets/AIML-TUDA/i2p "
@@ -139,7 +139,7 @@ class PartiPrompts(_PromptFile):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = PARTI_INSTRUCTIONS
   DELIMITER = "\t"
-  REQUIRED = ("Prompt", "Category")
+  REQUIRED = choices.PROMPT_COLUMNS["parti"]
   HOMEPAGE = "https://github.com/google-research/parti"
 
   def _features(self) -> dict:
@@ -154,7 +154,7 @@ class I2p(_PromptFile):
   """Inappropriate Image Prompts (Schramowski et al. 2023), 4,703 prompts (module docstring)."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = I2P_INSTRUCTIONS
-  REQUIRED = ("prompt", "categories")
+  REQUIRED = choices.PROMPT_COLUMNS["i2p"]
   HOMEPAGE = "https://huggingface.co/datasets/AIML-TUDA/i2p"
 
   def _features(self) -> dict:

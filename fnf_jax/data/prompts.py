@@ -7,7 +7,8 @@
     i2p      I2P CSV, column `prompt`                      any of config.categories in `categories`
 
 `parti` and `i2p` are read through their TFDS builders (fnf_jax/data/prompt_datasets.py, which
-checks the file's layout before anything is built), from the file `path` names; `data_dir` says
+checks the file's layout before anything is built), from the file `path` names (parti with
+path "": the PartiPrompts.tsv that fnf_jax ships, fnf_jax/assets); `data_dir` says
 where the built dataset lives: "" (the default) builds it into a temporary folder that is
 deleted after reading (well under a second; on many hosts each builds its own, so none waits
 on a shared folder), a path builds it there once (process 0) and later runs reuse it.
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 from absl import logging
 
 from fnf_jax.config import choices
+from fnf_jax.config import sources
 from fnf_jax.data.text import decode
 
 SOURCES = choices.PROMPT_SOURCES
@@ -89,7 +91,8 @@ def _read_rows(cfg) -> list[tuple[int, str, tuple[str, ...]]]:
   # Imported here: TFDS only for the sources it builds (list and text jobs never load it).
   from fnf_jax.data import prompt_datasets  # pylint: disable=import-outside-toplevel
   # getattr: a cfg without the field (older configs, test namespaces) builds in a temp folder.
-  rows = prompt_datasets.read(cfg.source, cfg.path, data_dir=getattr(cfg, "data_dir", ""))
+  rows = prompt_datasets.read(cfg.source, sources.prompt_file(cfg),
+                              data_dir=getattr(cfg, "data_dir", ""))
   if cfg.source == "parti":
     return [(r["line"], r["prompt"], (r["category"],)) for r in rows]
   return [(r["line"], r["prompt"], r["categories"]) for r in rows]
@@ -135,7 +138,7 @@ def load(cfg, split: str = "train", *,
         report.too_long.setdefault(limit.name, (limit.max_tokens, []))[1].append(line)
     if split == "all" or _in_eval(prompt, cfg.eval_fraction) == (split == "eval"):
       prompts.append(prompt)
-  where = cfg.path if cfg.source != "list" else "config prompts.texts"
+  where = sources.prompt_file(cfg) if cfg.source != "list" else "config prompts.texts"
   if not prompts:
     raise ValueError(f"{where}: no prompts left for split {split!r} "
                      f"(categories {list(cfg.categories)}, eval_fraction {cfg.eval_fraction})")

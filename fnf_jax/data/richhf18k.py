@@ -20,7 +20,8 @@ name. An example of the built dataset:
     tokens, token_label       the prompt's tokens as RichHF splits it (on any of `,.?!":; `),
                               and one 0/1 per token (0 = misaligned), the labels aligned to them
 
-Nothing is dropped silently: a record whose image is missing or unreadable, whose prompt is
+Nothing is dropped silently: a record whose file name is not a relative path inside images/
+(absolute, or climbing out with ".."), whose image is missing or unreadable, whose prompt is
 not in prompts.json, whose map is not an image, whose labels do not match the prompt's tokens,
 or whose data fails its checksum is left out with its split, filename (or index) and reason,
 all listed in the dataset's `dropped.json` and counted in the log (fnf_jax/data/tfds_lib.py).
@@ -36,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from fnf_jax.data import paths
 from fnf_jax.data import tfds_lib
 from fnf_jax.data import tfrecord
 
@@ -131,15 +133,17 @@ class Richhf18k(tfds.core.GeneratorBasedBuilder):
     path = os.path.join(manual, f"{split}.tfrecord")
     corrupt = lambda index, message: self._drop(split, f"record {index}", message)
     for index, data in enumerate(tfrecord.read_records(path, on_corrupt=corrupt)):
-      example, reason = self._example(manual, data, prompts)
+      example, reason = self._example(manual, data, prompts, f"{path}: record {index}")
       if reason:
         name = example.get("filename") or f"record {index}"
         self._drop(split, name, reason)
         continue
       yield f"{index}", example
 
-  def _example(self, manual: str, data: bytes, prompts: dict) -> tuple[dict, str | None]:
-    """(example, None), or (what was read, why the record is left out)."""
+  def _example(self, manual: str, data: bytes, prompts: dict,
+               where: str) -> tuple[dict, str | None]:
+    """(example, None), or (what was read, why the record is left out); `where` names the
+    record (file: record index)."""
     try:
       raw = tfrecord.decode_example(data)
     except tfrecord.ExampleError as e:
@@ -149,6 +153,9 @@ class Richhf18k(tfds.core.GeneratorBasedBuilder):
     out = {"filename": filename}
     if missing:
       return out, f"missing feature(s) {missing}"
+    if not paths.confined(filename):  # joined onto images/: nothing outside it is read
+      return out, (f"unsafe_filename: {where} names {filename!r}, not a relative path inside "
+                   f"{os.path.join(manual, 'images')}; refused")
     if filename not in prompts:
       return out, "missing_prompt: not in prompts.json"
     image_path = os.path.join(manual, "images", filename)

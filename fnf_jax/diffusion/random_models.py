@@ -121,9 +121,13 @@ def random_pipeline(seed: int = 0, *, attention_impl: str = "auto", dtype: str =
   """A Pipeline with randomly initialised modules of the given diffusers-style configs and a
   merge-free CLIP tokenizer (one token per character, 77 positions). `weights=False` leaves
   params empty: for what needs only the modules and `abstract_params()` (memory estimates)."""
-  folder = tokenizer_dir or tempfile.mkdtemp(prefix="fnf_tiny_tokenizer_")
-  clip_vocab.write(folder)
-  tokenizer = clip_tokenizer.load(folder)
+  if tokenizer_dir:
+    clip_vocab.write(tokenizer_dir)
+    tokenizer = clip_tokenizer.load(tokenizer_dir)
+  else:  # read into memory from a folder removed at once: a run leaves nothing in $TMPDIR
+    with tempfile.TemporaryDirectory(prefix="fnf_tiny_tokenizer_") as folder:
+      clip_vocab.write(folder)
+      tokenizer = dataclasses.replace(clip_tokenizer.load(folder), source="<tiny, in memory>")
   ids = dict(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
              eos_token_id=tokenizer.eos_token_id)
   scheduler = schedulers.DDIMConfig(beta_schedule="scaled_linear", beta_start=0.00085,

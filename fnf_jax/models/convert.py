@@ -26,6 +26,8 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
+from fnf_jax.config import errors
+
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 _INDEX_RE = re.compile(r"\.(\d+)(?=\.|$)")
 _LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
@@ -35,8 +37,9 @@ _LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
 GENUINE_NAMES = ("linear_1", "linear_2")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint folder or file is missing, in the wrong format, or disagrees with its config."""
+class CheckpointError(errors.ConfigError):
+  """A checkpoint folder or file is missing, in the wrong format, or disagrees with its config:
+  a bad input, which `python -m fnf_jax.main` reports in one FATAL line (exit 2)."""
 
 
 def read_config(folder: str) -> dict:

@@ -16,8 +16,11 @@ scale s of W + s·A·B. `source` is one of
                        <module> is the torch module path (down_blocks.0....attn1.to_out.0).
   a folder             a run's workdir: the LoRA of its newest complete checkpoint
                        (WORKDIR/checkpoints, read-only: a run may be writing there; alpha from
-                       WORKDIR/config.json), or WORKDIR/lora.safetensors when it holds no
-                       checkpoint; else a folder holding one LoRA file (`FILE_NAMES`).
+                       the settings saved with it, else WORKDIR/config.json), or
+                       WORKDIR/lora.safetensors when it holds no checkpoint; else a folder
+                       holding one LoRA file (`FILE_NAMES`).
+Pickle files (.bin, .pt, .ckpt, .pth: torch.save's) are refused with the command that converts
+them (fnf_jax/models/pickles.py): unpickling can run any code the file holds.
 Alpha, first found: per-module `<module>.alpha` scalars (kohya-converted files); diffusers'
 `lora_adapter_metadata` JSON (unet.lora_alpha, unet.alpha_pattern, unet.use_rslora: then
 s = alpha / sqrt(r)); our `alpha` metadata; none: alpha = r (s = 1, as diffusers assumes), with
@@ -48,6 +51,7 @@ from flax import traverse_util
 from fnf_jax.config.errors import ConfigError
 from fnf_jax.models import convert
 from fnf_jax.models import lora as lora_lib
+from fnf_jax.models import pickles
 
 # A folder's LoRA file, by name: ours (the training run's export), then diffusers'.
 FILE_NAMES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
@@ -109,7 +113,7 @@ def read(source: str | os.PathLike, unet_params: Any, *, where: str = "") -> Wei
     return _read_folder(source, unet_params, where)
   if not os.path.isfile(source):
     raise FileNotFoundError(f"{where}: no such LoRA file or folder")
-  tensors = convert.read_state_dict([source])
+  tensors = pickles.read_safetensors(source, where)  # a pickle is named as such
   return _from_state_dict(tensors, _metadata(source), unet_params, where)
 
 
@@ -285,27 +289,35 @@ def _read_folder(folder: str, unet_params, where: str) -> Weights:
 def _from_checkpoint(folder: str, step: int, tree: dict, unet_params, where: str) -> Weights:
   where = f"{where} (checkpoint step {step})"
   ranks = _layers(tree, unet_params, where)
-  alpha = _workdir_alpha(folder)
+  alpha, source = _workdir_alpha(folder, step)
   if alpha is None:
     alphas = {layer: float(r) for layer, r in ranks.items()}
-    logging.warning("%s: no lora.alpha in %s/config.json: assuming alpha = rank (scale 1)",
-                    where, folder)
+    logging.warning("%s: no lora.alpha in the checkpoint's settings or %s/config.json: "
+                    "assuming alpha = rank (scale 1)", where, folder)
   else:
     alphas = {layer: alpha for layer in ranks}
-  logging.info("%s: %d LoRA layers, rank %s, alpha %s (the run's config.json)", where,
-               len(ranks), _only(ranks.values()), _only(alphas.values()))
+  logging.info("%s: %d LoRA layers, rank %s, alpha %s (%s)", where, len(ranks),
+               _only(ranks.values()), _only(alphas.values()), source)
   tree = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(tree).items()}
   return Weights(traverse_util.unflatten_dict(tree), ranks,
                  {layer: alphas[layer] / ranks[layer] for layer in ranks},
                  _only(alphas.values()), where)
 
 
-def _workdir_alpha(folder: str) -> float | None:
+def _workdir_alpha(folder: str, step: int) -> tuple[float | None, str]:
+  """(lora.alpha, where from): the settings saved with the checkpoint (what its weights were
+  trained with), else the run's config.json (a checkpoint saved before settings were kept)."""
+  from fnf_jax.runtime import checkpoint  # pylint: disable=import-outside-toplevel
+  try:  # None (no settings saved) or unreadable: the run's record may still say
+    settings = checkpoint.read_settings(os.path.join(folder, "checkpoints"), step)
+    return float(settings["lora"]["alpha"]), "the checkpoint's settings"
+  except (ValueError, KeyError, TypeError):
+    pass
   try:
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-      return float(json.load(f)["lora"]["alpha"])
+      return float(json.load(f)["lora"]["alpha"]), "the run's config.json"
   except (OSError, ValueError, KeyError, TypeError):
-    return None
+    return None, ""
 
 
 # --- trees ------------------------------------------------------------------------------------

@@ -16,18 +16,14 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from fnf_jax.config import sources
 from fnf_jax.models import clip as clip_lib
 from fnf_jax.models import convert
 from fnf_jax.rewards import registry, saliency
 
 # Known CLIP widths, to say which CLIP a head needs.
 CLIP_BY_DIM = {512: "CLIP ViT-B/32", 768: "CLIP ViT-L/14", 1024: "CLIP ViT-H/14"}
-CLIP_DOWNLOAD = (
-    "Get OpenAI's CLIP ViT-L/14 (what Q16 and the LAION heads were trained on) once, e.g.\n"
-    "    huggingface-cli download openai/clip-vit-large-patch14 --local-dir /models/clip-vit-l14 "
-    "--include '*.json' '*.txt' model.safetensors\n"
-    "and set reward.clip_path to that folder (a transformers CLIPModel folder with "
-    "model.safetensors, or an OpenCLIP *.safetensors file).")
+CLIP_DOWNLOAD = f"Get {sources.text('clip')}\nand set reward.clip_path to it."
 
 
 def load_clip(cfg) -> clip_lib.Clip:

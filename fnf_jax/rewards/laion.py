@@ -24,29 +24,17 @@ import re
 import jax
 import jax.numpy as jnp
 
+from fnf_jax.config import sources
 from fnf_jax.rewards import clip_base, registry
 
 # Keras' Normalization divides by max(sqrt(variance), epsilon) with Keras' epsilon.
 KERAS_EPSILON = 1e-7
 _DENSE_RE = re.compile(r"^dense_(\d+)\.(kernel|bias)$")
 
-NSFW_INSTRUCTIONS = (
-    "Download LAION's ViT-L/14 NSFW head (the authors' PyTorch port of the AutoKeras model):\n"
-    "    https://github.com/LAION-AI/CLIP-based-NSFW-Detector/raw/main/models/"
-    "clip_ViT-L-14_openai_binary_nsfw_head.pth\n"
-    "and convert it once:\n"
-    "    python tools/convert_laion_heads.py nsfw clip_ViT-L-14_openai_binary_nsfw_head.pth "
-    "/models/laion/nsfw_vit_l14.safetensors\n"
-    "(the original clip_autokeras_binary_nsfw.zip converts too, with tensorflow + autokeras "
-    "installed). Set reward.weights to the .safetensors file.")
-AESTHETIC_INSTRUCTIONS = (
-    "Download the LAION aesthetic predictor v2:\n"
-    "    https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-    "sac+logos+ava1-l14-linearMSE.pth\n"
-    "and convert it once:\n"
-    "    python tools/convert_laion_heads.py aesthetic sac+logos+ava1-l14-linearMSE.pth "
-    "/models/laion/aesthetic_vit_l14.safetensors\n"
-    "Set reward.weights to the .safetensors file.")
+NSFW_INSTRUCTIONS = (f"Get {sources.text('laion_nsfw')}\n"
+                     "Set reward.weights to the .safetensors file.")
+AESTHETIC_INSTRUCTIONS = (f"Get {sources.text('laion_aesthetic')}\n"
+                          "Set reward.weights to the .safetensors file.")
 
 
 def read_mlp(path: str) -> dict:

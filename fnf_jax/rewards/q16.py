@@ -14,15 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnf_jax.config import sources
 from fnf_jax.rewards import clip_base, registry
 
 # Q16's fixed temperature (its prompts were tuned with it; not CLIP's logit_scale).
 SCALE = 100.0
-INSTRUCTIONS = (
-    "Q16's prompts are published as a pickle: download "
-    "https://github.com/ml-research/Q16/raw/main/data/ViT-L-14/prompts.p and convert it once:\n"
-    "    python tools/convert_q16.py prompts.p /models/q16/prompts_vit_l14.safetensors\n"
-    "then set reward.weights to the .safetensors file (reward.clip_path: OpenAI CLIP ViT-L/14).")
+INSTRUCTIONS = (f"Get {sources.text('q16')}\nthen set reward.weights to the .safetensors file "
+                "(reward.clip_path: OpenAI CLIP ViT-L/14).")
 
 
 def read_prompts(path: str) -> np.ndarray:

@@ -25,6 +25,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from fnf_jax.config import sources
 from fnf_jax.data import prompts as prompts_lib
 from fnf_jax.models import convert
 from fnf_jax.models import rahf as rahf_lib
@@ -40,13 +41,8 @@ TINY_SEED = 0
 TINY_WORDS = ("a", "an", "the", "of", "with", "and", "red", "blue", "green", "yellow", "circle",
               "square", "triangle", "photo", "cat", "dog", "man", "woman", "hand", "face",
               "holding", "sign", "two", "three")
-DOWNLOAD = (
-    "Get the models RAHF was built on once (on a machine with network access), e.g.\n"
-    "    huggingface-cli download google/vit-large-patch16-384 config.json "
-    "preprocessor_config.json --local-dir /models/vit-large-patch16-384\n"
-    "    huggingface-cli download google-t5/t5-base config.json tokenizer.json "
-    "--local-dir /models/t5-base\n"
-    f"and the RAHF checkpoint (README, 'RAHF rewards').\n{rahf_lib.CONVERT_HELP}")
+DOWNLOAD = (f"Get {sources.text('vit')}\nGet {sources.text('t5')}\n"
+            f"Get {sources.text('rahf')}")
 
 
 def tiny_config(vocab_size: int) -> rahf_lib.RAHFConfig:

@@ -1,10 +1,15 @@
 """Checkpoints (orbax), SIGTERM preemption handling, and LoRA export for diffusers.
 
-A checkpoint step directory holds three orbax items:
-  state  the training pytree (TrainState, rng key, ...) via StandardSave, sharded arrays written
-         by every process for its own shards, so saving never gathers to one host;
-  meta   a small JSON dict (data position, epoch, config name, ...);
-  prng   JSON {tree path: PRNG impl name} for the typed PRNG keys found in `state`.
+A checkpoint step directory holds four orbax items:
+  state     the training pytree (TrainState, rng key, ...) via StandardSave, sharded arrays
+            written by every process for its own shards, so saving never gathers to one host;
+  meta      a small JSON dict (data position, epoch, config name, ...);
+  prng      JSON {tree path: PRNG impl name} for the typed PRNG keys found in `state`;
+  settings  the run's config as config.json holds it (`Checkpointer(settings=...)`), so that a
+            resume is checked against the settings these weights were trained with, whatever
+            became of WORKDIR/config.json (fnf_jax/runtime/resume.py; `read_settings`).
+The JSON items are written by the primary process only (orbax's JsonCheckpointHandler). A save
+that cannot fit on the disk is refused before anything is written (runtime/diskspace.py).
 
 Typed PRNG keys (`jax.random.key`) are stored as their raw `jax.random.key_data` (uint32) and
 re-wrapped on restore with the impl recorded at save time, so the on-disk format is plain arrays
@@ -28,16 +33,15 @@ import jax
 from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from fnf_jax.runtime import distributed
-from fnf_jax.config import errors
 from fnf_jax.models import convert
+from fnf_jax.runtime import distributed
+from fnf_jax.runtime import diskspace
 
-_ITEMS = ("state", "meta", "prng")
-
-
-def _is_key(x) -> bool:
-  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+SETTINGS = "settings"  # the item holding the run's settings: STEP/settings/metadata
+DiskFullError = diskspace.DiskFullError  # raised by `save` and `check_space`
+_is_key = diskspace.is_key
 
 
 class Checkpointer:
@@ -49,12 +53,14 @@ class Checkpointer:
   (`wait()` blocks for it, and must be called before exiting).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int, every: int):
+  def __init__(self, directory: str | os.PathLike, *, keep: int, every: int,
+               settings: dict | None = None):
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"Checkpointer({directory!s}): keep must be an int >= 1, got {keep!r}")
     if not isinstance(every, int) or every < 1:
       raise ValueError(f"Checkpointer({directory!s}): every must be an int >= 1, got {every!r}")
     directory = str(directory)
+    self.keep, self.settings = keep, settings  # settings: saved with every checkpoint
     if "://" not in directory:  # orbax wants absolute local paths; keep gs:// etc. as given
       directory = os.path.abspath(directory)
     self.directory, self.every = directory, every
@@ -88,37 +94,24 @@ class Checkpointer:
     if step in steps:
       return False
     if force or step % self.every == 0 or not steps:  # orbax's policy: this step is saved
-      self._check_space(state, steps)
+      self.check_space(state, "saving")
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
     impls = {jax.tree_util.keystr(p): str(jax.random.key_impl(x)) for p, x in flat if _is_key(x)}
     state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-                              prng=ocp.args.JsonSave(impls))
-    return bool(self._manager.save(step, args=args, force=force))
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                 prng=ocp.args.JsonSave(impls))
+    if self.settings is not None:
+      items[SETTINGS] = ocp.args.JsonSave(self.settings)
+    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
 
-  def _check_space(self, state: Any, steps) -> None:
-    """Refuses a save that cannot fit, before writing a byte: the earlier checkpoints stay
-    whole, and the message says how much is needed (a save that fails half-way would leave only
-    orbax's RESOURCE_EXHAUSTED errors)."""
-    if "://" in self.directory:
-      return  # a bucket: no free-space figure
+  def check_space(self, state: Any, doing: str = "saving") -> int:
+    """Refuses a save of `state` (arrays or their jax.ShapeDtypeStructs) that cannot fit,
+    before writing a byte: DiskFullError names the folder, the bytes free and needed, and the
+    earlier checkpoints stay whole (a save that fails half-way would leave only orbax's
+    RESOURCE_EXHAUSTED errors). Returns the bytes needed (fnf_jax/runtime/diskspace.py)."""
     self.wait()  # the save in flight counts (orbax would wait for it before this one anyway)
-    done = [s for s in steps if os.path.isdir(os.path.join(self.directory, str(s)))]
-    if done:  # the size of the newest complete checkpoint, plus 10 %
-      folder = os.path.join(self.directory, str(max(done)))
-      needed = int(1.1 * sum(os.path.getsize(os.path.join(d, n))
-                             for d, _, names in os.walk(folder) for n in names))
-    else:  # the arrays, and orbax's metadata (about 1 MiB for these trees)
-      needed = sum(int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
-                   for x in jax.tree.leaves(state) if not _is_key(x)) + 2**20
-    os.makedirs(self.directory, exist_ok=True)
-    free = shutil.disk_usage(self.directory).free
-    if free < needed:
-      newest = f"step {max(done)}" if done else "none yet"
-      raise DiskFullError(
-          f"{self.directory}: {free:,} bytes free, a checkpoint needs about {needed:,}; not "
-          f"saving (the earlier checkpoints are intact; newest: {newest}). Free space or move "
-          "the workdir, then run the same command again to resume")
+    return diskspace.check(self.directory, state, self._manager.all_steps(), keep=self.keep,
+                           doing=doing)
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint step, or None.
@@ -217,8 +210,10 @@ def read_newest(directory: str, keys: tuple[str, ...]) -> tuple[int, Any] | None
     return None
   step = max(steps)
   path = os.path.join(directory, str(step), "state")
+  # The handler's metadata, not PyTreeCheckpointer.metadata: that one also looks for the step's
+  # _CHECKPOINT_METADATA inside the item's folder (it lives one level up) and logs a warning.
+  node = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   reader = ocp.PyTreeCheckpointer()
-  node = reader.metadata(path).item_metadata.tree
   for depth, key in enumerate(keys):
     if not isinstance(node, dict) or key not in node:
       have = sorted(node) if isinstance(node, dict) else type(node).__name__
@@ -236,8 +231,22 @@ def read_newest(directory: str, keys: tuple[str, ...]) -> tuple[int, Any] | None
   return step, jax.tree.map(np.asarray, out)
 
 
-class DiskFullError(errors.StopError, OSError):
-  """A checkpoint would not fit on the workdir's disk; nothing of it was written."""
+def read_settings(directory: str, step: int) -> dict | None:
+  """The settings saved with checkpoint `step` in `directory` (the run's config as config.json
+  holds it); None for a checkpoint saved without them (before they were kept). Raises
+  ValueError naming the file when it cannot be read."""
+  path = os.path.join(directory, str(step), SETTINGS, "metadata")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      settings = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: the settings of checkpoint step {step} cannot be read ({e})") \
+        from None
+  if not isinstance(settings, dict):
+    raise ValueError(f"{path}: the settings of checkpoint step {step} are not a JSON object")
+  return settings
 
 
 def _json_ok(value) -> bool:

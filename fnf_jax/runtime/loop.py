@@ -9,7 +9,9 @@ and its batches, and hands them to two functions:
 
 `restore` opens WORKDIR/checkpoints, removes what a killed save left behind, restores the
 newest checkpoint that restores (a broken one is moved aside to checkpoints.broken/ and the one
-before it tried) and writes the run record (fnf_jax/runtime/resume.py). `run` steps from there:
+before it tried), stops a run whose disk cannot hold its next checkpoint (before anything is
+compiled), and writes the run record (fnf_jax/runtime/resume.py; the same settings go into every
+checkpoint). `run` steps from there:
 every step's metrics stay on the devices until a step logs or checkpoints, and are then all
 checked (a non-finite loss, gradient or update stops the run with `NonFiniteLossError` before
 anything after it is saved); scalars go to WORKDIR/metrics.jsonl (and TensorBoard); a
@@ -67,7 +69,10 @@ def restore(workdir: str, checkpoint_cfg, target, *, changes: dict, config) -> S
   if distributed.is_writer():
     checkpoint.remove_stale_temporaries(folder)
   distributed.barrier("stale-checkpoints-removed")
-  ckpt, latest, restored, meta = _restore_newest(folder, checkpoint_cfg, target)
+  # Saved with every checkpoint: a resume is checked against them (resume.check_resume).
+  ckpt, latest, restored, meta = _restore_newest(folder, checkpoint_cfg, target,
+                                                 resume.as_json(config))
+  _check_space(ckpt, target, latest, config)
   if distributed.is_writer():
     resume.write(config, workdir, changes, latest)
   for key, (old, new) in changes.items():
@@ -77,13 +82,29 @@ def restore(workdir: str, checkpoint_cfg, target, *, changes: dict, config) -> S
   return Start(ckpt, latest or 0, restored, meta)
 
 
-def _restore_newest(folder: str, checkpoint_cfg, target):
+def _check_space(ckpt: checkpoint.Checkpointer, target, latest: int | None, config) -> None:
+  """Stops a run whose disk cannot hold its next checkpoint now, before anything is compiled
+  or written (checkpoint.DiskFullError), rather than at its first save. A finished run (its
+  config's train.num_steps reached) saves nothing and is let through."""
+  final = (config.get("train") or {}).get("num_steps") if hasattr(config, "get") else None
+  if latest is not None and isinstance(final, int) and latest >= final:
+    return
+  try:
+    ckpt.check_space(target, "starting the run")
+  except checkpoint.DiskFullError:
+    ckpt.close()
+    raise
+
+
+def _restore_newest(folder: str, checkpoint_cfg, target, settings: dict | None = None):
   """(checkpointer, step, restored, meta) of the newest checkpoint that restores; (.., None,
   None, None) for a new run. A checkpoint that fails is reported in one line, moved aside to
-  FOLDER.broken/ (not deleted) and the one before it is tried."""
+  FOLDER.broken/ (not deleted) and the one before it is tried. `settings` are saved with each
+  new checkpoint."""
   broken = []
   while True:
-    ckpt = checkpoint.Checkpointer(folder, keep=checkpoint_cfg.keep, every=checkpoint_cfg.every)
+    ckpt = checkpoint.Checkpointer(folder, keep=checkpoint_cfg.keep, every=checkpoint_cfg.every,
+                                   settings=settings)
     latest = ckpt.latest_step()
     if latest is None:
       if broken:

@@ -16,17 +16,20 @@ BATCHES = {
     "train": ("data.batch_size",),
     "cache": ("data.batch_size",),
     "eval": ("data.batch_size",),
+    "demo": ("data.batch_size",),
     "train_reward": ("data.batch_size", "eval.batch_size"),
     "eval_reward": ("data.batch_size", "eval.batch_size"),
 }
 
 
-def check(config) -> None:
-  """Raises validate.ConfigError for the first batch that does not split over the mesh."""
+def check(config) -> dict[str, int] | None:
+  """Raises validate.ConfigError for the first batch that does not split over the mesh;
+  returns the mesh's shape (None for a job that splits no batch over one)."""
   keys = BATCHES.get(config.job)
   if keys is None:
-    return
+    return None
   distributed.initialize(config.distributed)
-  devices = sharding.make_mesh(dict(config.mesh)).size
+  mesh = sharding.make_mesh(dict(config.mesh))
   for key in keys:
-    validate.check_batch(config, devices, key)
+    validate.check_batch(config, mesh.size, key)
+  return dict(mesh.shape)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fnf_jax import assets
 from fnf_jax.rewards import registry
 
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
-                               "toy_defect.safetensors")
+DEFAULT_WEIGHTS = "toy_defect.safetensors"  # under fnf_jax/assets (fnf_jax.assets.path)
 BLOTCH_PIXELS = 18.0  # the median blotch of the toy world, in pixels
 # (features, dilation) of the 3x3 convolutions: a receptive field of 15 px, about twice a blotch,
 # so the net can tell a blotch on a shape from dark edges.
@@ -87,7 +87,7 @@ def score(params, images, prompt_ids=None):
 
 def build(cfg) -> registry.Reward:
   return registry.Reward(name="toy_defect", score=score, heatmap=heatmap,
-                         params=load(cfg.weights or DEFAULT_WEIGHTS))
+                         params=load(cfg.weights or assets.path(DEFAULT_WEIGHTS)))
 
 
 def trainable(cfg):
