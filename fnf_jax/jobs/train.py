@@ -155,5 +155,5 @@ def _panels(run: run_lib.Run, writer, state, batch, step: int) -> None:
   else:
     reference, mask = run.reference_fn(run.frozen, inputs)
   images = run.eval_images_fn(state.lora, run.frozen, inputs)
-  writer.images(step, "reference|mask|finetuned", log_lib.panel(
+  writer.images(step, "reference_mask_finetuned", log_lib.panel(
       *(distributed.gather(x) for x in (reference, mask, images))))
