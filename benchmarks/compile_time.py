@@ -78,7 +78,8 @@ def program(args, name: str):
   if name == "lora_grads":
     return jax.jit(p.lora_grads), (state.lora, frozen, batch, sampled, image[1], ref[1])
   grads = jax.eval_shape(p.lora_grads, state.lora, frozen, batch, sampled, image[1], ref[1])
-  return jax.jit(p.update, donate_argnums=0), (state, grads[0], image[0], grads[1])
+  return jax.jit(p.update, donate_argnums=0), (state, frozen["objective"], grads[0], image[0],
+                                               grads[1])
 
 
 def whole_step(args) -> dict:

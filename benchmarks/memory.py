@@ -95,8 +95,11 @@ def q16_reward(dtype):
   return clip_base.make_reward(cfg, clip, head, score, target)
 
 
-def config_for(images: int, grad_steps: int, vae_remat: bool, remat_policy: str):
+def config_for(images: int, grad_steps: int, vae_remat: bool, remat_policy: str,
+               members: int = 0):
+  """`members` > 0: a sweep of that many β values (one LoRA each, configs/focus_n_fix.py)."""
   c = focus_n_fix.base_config()
+  c.sweep.beta = tuple(0.01 * (i + 1) for i in range(members))
   c.data.batch_size = images
   c.sampling.num_steps, c.sampling.guidance_scale = 50, 7.5
   c.train.grad_steps, c.train.reference, c.train.remat_policy = grad_steps, "cache", remat_policy
@@ -107,18 +110,19 @@ def config_for(images: int, grad_steps: int, vae_remat: bool, remat_policy: str)
 
 
 def _setup(model: str, images: int, grad_steps: int, vae_remat: bool, remat_policy: str,
-           attention: str, unet_remat: bool):
+           attention: str, unet_remat: bool, members: int = 0):
   """(pipe, config, step, abstract frozen params, abstract state) of one setting."""
   pipe = random_models.random_pipeline(0, dtype="bfloat16", attention_impl=attention,
                                        unet_remat=unet_remat, vae_remat=vae_remat,
                                        weights=False, **MODELS[model])
   reward = q16_reward("bfloat16")
-  config = config_for(images, grad_steps, vae_remat, remat_policy)
+  config = config_for(images, grad_steps, vae_remat, remat_policy, members)
   step = train_step.build(pipe, reward, config)
   abstract = pipe.abstract_params()
   frozen = {name: _abstract(abstract[name], jnp.bfloat16 if name in ("unet", "vae") else None)
             for name in abstract}
   frozen["reward"] = _abstract(reward.params)
+  frozen["objective"] = jax.eval_shape(lambda: step.objective)
   state = jax.eval_shape(step.init_state, jax.random.key(0), frozen["unet"])
   return pipe, reward, config, step, frozen, state
 
@@ -189,6 +193,34 @@ def measure(model: str, images: int, grad_steps: int, vae_remat: bool,
           "budget": budget_tflop(model, 50, grad_steps), "compile_s": seconds}
 
 
+def measure_sweep(model: str, members: int, images: int = 1, grad_steps: int = 2) -> dict:
+  """The compiled step of a sweep of `members` settings (fnf_jax/fnf/sweep.py), `images` per
+  member: its memory analysis (the real configs' memory settings)."""
+  pipe, _, _, step, frozen, state = _setup(model, images, grad_steps, True, "nothing_saveable",
+                                           "chunked", True, members)
+  tic = time.perf_counter()
+  compiled = jax.jit(step.train_step, donate_argnums=0).lower(
+      state, frozen, _batch(pipe, images), jax.random.key(0)).compile()
+  seconds = time.perf_counter() - tic
+  mem = compiled.memory_analysis()
+  return {"model": model, "members": members, "images": images, "K": grad_steps,
+          "arguments": mem.argument_size_in_bytes / GIB,
+          "outputs": mem.output_size_in_bytes / GIB,
+          "temporaries": mem.temp_size_in_bytes / GIB, "compile_s": seconds}
+
+
+SWEEP_HEADER = ("| model | members | images / member | K | arguments GiB | outputs GiB | "
+                "temporaries GiB | arguments + temporaries GiB | per member GiB | compile |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def sweep_row(r: dict) -> str:
+  fits = r["arguments"] + r["temporaries"]
+  return (f"| {r['model']} | {r['members']} | {r['images']} | {r['K']} | {r['arguments']:.2f} | "
+          f"{r['outputs']:.2f} | {r['temporaries']:.2f} | {fits:.2f} | "
+          f"{fits / r['members']:.2f} | {r['compile_s']:.0f} s |")
+
+
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -219,9 +251,16 @@ def main(argv=None):
   p.add_argument("--remat_policy", default="nothing_saveable",
                  choices=sorted(sampling.REMAT_POLICIES))
   p.add_argument("--table", action="store_true", help="every setting of BENCHMARKS.md")
+  p.add_argument("--sweep", default="", help="comma-separated member counts, e.g. 1,2,4,8: "
+                 "the step of a sweep of that many settings, --images per member")
   args = p.parse_args(argv)
   print(f"backend {jax.default_backend()}, jax {jax.__version__}; compiled from abstract "
         "params (XLA:CPU memory analysis when run on the CPU)", flush=True)
+  if args.sweep:
+    print(SWEEP_HEADER, flush=True)
+    for n in map(int, args.sweep.split(",")):
+      print(sweep_row(measure_sweep(args.model, n, args.images, args.grad_steps)), flush=True)
+    return
   print(HEADER, flush=True)
   if not args.table:
     print(row(measure(args.model, args.images, args.grad_steps, bool(args.vae_remat),

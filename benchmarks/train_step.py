@@ -3,6 +3,12 @@
   python benchmarks/train_step.py --model tiny|sd15 --batch 4 --steps 50 --grad_steps 2 \
       --rank 64 --dtype bfloat16 --attention auto --iters 3
   python benchmarks/train_step.py --loop 60     # the whole training loop, tiny models
+  python benchmarks/train_step.py --sweep 4     # a 4-setting sweep's step against 4 steps
+
+--sweep N compiles the step of a sweep of N β values (fnf_jax/fnf/sweep.py: N LoRAs, one
+frozen model) and the single step, then times rounds of one sweep step against N single steps,
+interleaved: what sharing the frozen forward passes (prompt encoding, reference, one batched
+UNet call instead of N) saves.
 
 --loop N runs the real loop (`train.fit`, configs/violence.py:runlocal with N steps) twice in
 one process: synchronous (data.prefetch = 0, metrics fetched every step: the loop before it
@@ -59,6 +65,8 @@ def parse_args(argv=None):
   p.add_argument("--iters", type=int, default=3, help="timed steps after the first")
   p.add_argument("--json", default=None, help="also append the JSON lines here")
   p.add_argument("--loop", type=int, default=0, help="steps of the whole-loop comparison")
+  p.add_argument("--sweep", type=int, default=0, help="N > 0: the step of a sweep of N β "
+                 "settings against N separate steps, interleaved in one process")
   return p.parse_args(argv)
 
 
@@ -93,22 +101,10 @@ def config_for(args):
   return c
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  if args.loop:
-    return loop_benchmark(args.loop)
-  dev = jax.devices()[0]
-  row = {"bench": "step", "backend": jax.default_backend(), "device": dev.device_kind,
-         "jax": jax.__version__, "model": args.model, "images": args.batch,
-         "steps": args.steps, "K": args.grad_steps, "rank": args.rank, "cfg": args.guidance,
-         "dtype": args.dtype, "attention": args.attention}
-  tic = time.perf_counter()
-  pipe = random_models.random_pipeline(0, attention_impl=args.attention, dtype=args.dtype,
-                                       unet_remat=True, vae_remat=True, **MODELS[args.model])
-  config = config_for(args)
-  reward = registry.build(config.reward)
+def prepare(args, config, pipe, reward, dev):
+  """(compiled step, state, frozen, batch, key, compile info) of `config` on device `dev`."""
   step = train_step.build(pipe, reward, config)
-  frozen = dict(pipe.params, reward=reward.params)
+  frozen = dict(pipe.params, reward=reward.params, objective=step.objective)
   if args.dtype == "bfloat16":  # the UNet and VAE stored in bf16, as pipeline.load does
     frozen.update({k: jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), frozen[k])
                    for k in ("unet", "vae")})
@@ -127,13 +123,59 @@ def main(argv=None):
   batch = jax.device_put(batch, repl)
   state = jax.device_put(step.init_state(key[3], frozen["unet"]), repl)
   jax.block_until_ready((frozen, batch, state))
-  emit(dict(row, stage="build", s=round(time.perf_counter() - tic, 2)), args.json)
-
   spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), batch)
   run, info = step_program.compile_step(
       step, mesh, tuple(sharding.DEFAULT_RULES), online_reference=False, state=state,
       state_shardings=jax.tree.map(lambda _: repl, state), frozen=frozen,
       frozen_shardings=jax.tree.map(lambda _: repl, frozen), batch_spec=spec, rng=key[4])
+  return run, state, frozen, batch, key, info
+
+
+def sweep_benchmark(args, row, pipe, reward, dev) -> None:
+  """A sweep of --sweep settings against as many separate steps, in one process: each timed
+  round runs the sweep's step once and the single step --sweep times, interleaved."""
+  n = args.sweep
+  config = config_for(args)
+  config.sweep.beta = tuple(0.01 * (i + 1) for i in range(n))
+  swept = prepare(args, config, pipe, reward, dev)
+  single = prepare(args, config_for(args), pipe, reward, dev)
+  emit(dict(row, stage="compile", members=n, sweep_s=round(swept[5]["seconds"], 2),
+            single_s=round(single[5]["seconds"], 2)), args.json)
+  states = [swept[1], single[1]]
+  for i in range(args.iters + 1):  # the first round warms up (not counted)
+    times = []
+    for j, (run, _, frozen, batch, key, _) in enumerate((swept, single)):
+      tic = time.perf_counter()
+      for _ in range(1 if j == 0 else n):
+        states[j], metrics = run(states[j], frozen, batch, jax.random.fold_in(key[4], i))
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - tic)
+    if i:
+      emit(dict(row, stage="sweep_vs_separate", members=n, round=i,
+                sweep_step_s=round(times[0], 4), separate_steps_s=round(times[1], 4),
+                sweep_images_per_s=round(n * args.batch / times[0], 3),
+                separate_images_per_s=round(n * args.batch / times[1], 3),
+                saving=round(1 - times[0] / times[1], 3)), args.json)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.loop:
+    return loop_benchmark(args.loop)
+  dev = jax.devices()[0]
+  row = {"bench": "step", "backend": jax.default_backend(), "device": dev.device_kind,
+         "jax": jax.__version__, "model": args.model, "images": args.batch,
+         "steps": args.steps, "K": args.grad_steps, "rank": args.rank, "cfg": args.guidance,
+         "dtype": args.dtype, "attention": args.attention}
+  tic = time.perf_counter()
+  pipe = random_models.random_pipeline(0, attention_impl=args.attention, dtype=args.dtype,
+                                       unet_remat=True, vae_remat=True, **MODELS[args.model])
+  reward = registry.build(config_for(args).reward)
+  if args.sweep:
+    return sweep_benchmark(args, row, pipe, reward, dev)
+  run, state, frozen, batch, key, info = prepare(args, config_for(args), pipe, reward, dev)
+  emit(dict(row, stage="build", s=round(time.perf_counter() - tic - info["seconds"], 2)),
+       args.json)
   emit(dict(row, stage="compile", s=round(info["seconds"], 2),
             lower_s=round(info["lower_seconds"], 2), cache=info["cache"]), args.json)
 

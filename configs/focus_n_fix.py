@@ -99,6 +99,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.constraint_norm = "fro"  # fro (unsquared, the paper) | fro_squared | mean_squared
   c.objective.gamma = 0.0  # weight of the latent ε-difference outside the mask (DRaFT+-style)
 
+  # A sweep (fnf_jax/fnf/sweep.py): values of objective.beta / gamma / reward_weight to train
+  # side by side in one compiled step, one LoRA per setting, sharing the frozen models, the
+  # reference cache, the examples, x_T and the step keys (each member follows the path of a
+  # separate run of its setting). Empty tuples: a single run with the objective's values.
+  # combine: product (every combination) | zip (the i-th values together; equal lengths).
+  # A mesh axis named "sweep" (e.g. config.mesh = {"sweep": 2, "data": -1, "fsdp": 1}) shards
+  # the members over its devices; without it every device holds all of them. The LoRAs go to
+  # WORKDIR/sweep/<values>.safetensors; the eval job reports every member and the Pareto front.
+  # mask.threshold cannot be swept: the reference cache keeps the thresholded M, not the heatmap.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.beta = ()
+  c.sweep.gamma = ()
+  c.sweep.reward_weight = ()
+  c.sweep.combine = "product"
+
   # Heatmap -> mask (fnf_jax/rewards/masks.py).
   c.mask = ml_collections.ConfigDict()
   c.mask.threshold = 0.9  # absolute value, or quantile in [0, 1]

@@ -15,6 +15,9 @@ blotch on about 30% of its shapes. The reward is `toy_defect`, a small learned l
   4. writes WORKDIR/report/index.html (table, grid, curves) and WORKDIR/report/metrics.json, and
      prints the table.
 `:runlocal` is the reduced budget of the claim test in tests/test_demo.py (about 4 minutes).
+`:sweep` trains Focus-N-Fix at four β in one run (config.sweep, fnf_jax/fnf/sweep.py) beside
+DRaFT, and the report draws the members' Pareto front (defect rate against PSNR outside M and
+against prompt fidelity).
 """
 
 import os
@@ -27,6 +30,8 @@ import ml_collections  # noqa: E402
 
 from fnf_jax import assets  # noqa: E402
 
+# configs/toy.py:sweep's β: from 0.1 (fixes nearly every blotch, shifts colours) to 1.0.
+SWEEP_BETAS = (0.1, 0.25, 0.5, 1.0)
 CAPTIONS = tuple(f"a {c} {s}" for c in ("red", "green", "blue", "yellow")
                  for s in ("circle", "square", "triangle"))
 
@@ -97,6 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.seeds_per_prompt = 8
     c.train.num_steps = 40
     c.eval.seeds_per_prompt = 8
+  elif arg == "sweep":
+    # Focus-N-Fix at four β in one run (fnf_jax/fnf/sweep.py), each a method of the report, whose
+    # Pareto front shows the trade-off between defects fixed and the image kept outside M.
+    c.sweep.beta = SWEEP_BETAS
   elif arg is not None:
-    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal' (or none)")
+    raise ValueError(f"unknown config argument {arg!r}; valid: 'runlocal', 'sweep' (or none)")
   return c

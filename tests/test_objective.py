@@ -136,12 +136,33 @@ def test_from_config_reads_the_objective_block():
   c.reward_weight, c.beta, c.gamma = 0.7, 0.3, 0.2
   obj = objective.Objective.from_config(c)
   assert obj == objective.Objective(mask="ones", reward_region="full", reward_weight=0.7,
-                                    beta=0.3, constraint_norm="mean_squared", gamma=0.2)
-  # The config's Python floats, as they are: the step's programs fold them in as constants.
-  assert all(type(x) is float for x in (obj.reward_weight, obj.beta, obj.gamma))
-  assert {f.name for f in dataclasses.fields(obj)} == set(c.keys())
+                                    beta=0.3, constraint_norm="mean_squared", gamma=0.2,
+                                    latent=True)
+  assert obj.computes_latent  # γ > 0
+  assert {f.name for f in dataclasses.fields(obj)} == set(c.keys()) | {"latent"}
   with pytest.raises(dataclasses.FrozenInstanceError):
     obj.beta = 0.0  # type: ignore[misc]
+  # The weights are the pytree's leaves (runtime inputs of the step), the choices static.
+  assert jax.tree.leaves(obj) == [0.7, 0.3, 0.2]
+
+
+def test_other_weights_run_the_same_program():
+  """β, γ and w are arguments of the step's programs: changing them never recompiles, and the
+  loss follows them exactly as with the weights folded in as constants."""
+  args = dict(rewards=jnp.asarray(REWARDS), images=jnp.asarray(REFERENCE + CHANGE),
+              reference=jnp.asarray(REFERENCE), mask=jnp.asarray(MASK))
+  traces = []
+
+  @jax.jit
+  def total(obj):
+    traces.append(1)
+    return objective.loss(**args, obj=obj, latent_term=jnp.asarray(LATENT))[0]
+
+  for w, beta, gamma in [(0.7, 0.3, 0.2), (1.0, 0.0, 0.5), (0.2, 2.0, 0.0)]:
+    obj = _objective(reward_weight=w, beta=beta, gamma=gamma, constraint_norm="fro_squared")
+    constant = objective.loss(**args, obj=obj, latent_term=jnp.asarray(LATENT))[0]
+    assert float(total(obj)) == float(constant)
+  assert len(traces) == 1
 
 
 def test_from_config_missing_or_bad_field():

@@ -37,7 +37,7 @@ def _setup(pipe, **changes):
     c[section][field] = value
   reward = registry.build(c.reward)
   step = train_step.build(pipe, reward, c)
-  frozen = {**pipe.params, "reward": reward.params}
+  frozen = {**pipe.params, "reward": reward.params, "objective": step.objective}
   batch = examples.host_batch(pipe, examples.make_examples(PROMPTS, 1, 0), negative_prompt="",
                               num_steps=c.sampling.num_steps, eta=c.sampling.eta)
   batch.pop("index")
@@ -66,7 +66,7 @@ def test_pieces_give_the_gradient_of_the_loss(pipe, changes):
     sampled = p.forward(state.lora, frozen, batch, rng)
     metrics, g_x0 = p.image_grads(frozen, batch, sampled.x0, ref, region)
     grads, latent = p.lora_grads(state.lora, frozen, batch, sampled, g_x0, region)
-    new, metrics = p.update(state, grads, metrics, latent)
+    new, metrics = p.update(state, frozen["objective"], grads, metrics, latent)
     return loss, g, want, grads, new, metrics
 
   loss, g, want, grads, new, metrics = both(state)

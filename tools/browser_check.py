@@ -3,8 +3,10 @@
     python tools/browser_check.py WORKDIR/report [--screenshot docs/toy_report.png]
 
 Prints, as JSON, the page's console errors, its tables (rows x columns and the header), its
-images (source, loaded, natural size) and its charts, and exits 1 if the page logged an error
-or an image failed to load. With --screenshot, also writes the whole page as a PNG.
+images (source, loaded, natural size), its charts (the curves' lines) and its scatters (the
+Pareto front's points and labels: drawn inside the chart or not, labels overlapping), and
+exits 1 if the page logged an error or an image failed to load. With --screenshot, also writes
+the whole page as a PNG.
 
 Needs Debian's Chromium and ChromeDriver (`apt-get install chromium chromium-driver`, which
 put them in /usr/bin) and selenium (the `test` extra); nothing is downloaded. tests/
@@ -38,8 +40,34 @@ return {
   images: Array.from(document.images).map(i => ({
       src: i.getAttribute('src'), complete: i.complete, width: i.naturalWidth,
       height: i.naturalHeight})),
-  charts: document.querySelectorAll('svg polyline').length,
+  charts: document.querySelectorAll('svg:not(.scatter) polyline').length,
+  scatters: Array.from(document.querySelectorAll('svg.scatter')).map(scatter),
   height: document.documentElement.scrollHeight,
+};
+"""
+# A scatter (the Pareto front's): its points and labels, whether each is drawn inside the chart,
+# and how many pairs of labels overlap.
+_SCATTER = """
+const scatter = s => {
+  const box = s.getBoundingClientRect();
+  const seen = e => {
+    const b = e.getBoundingClientRect(), st = getComputedStyle(e);
+    return st.visibility !== 'hidden' && st.display !== 'none' && b.width > 0 && b.height > 0
+        && b.left >= box.left - 1 && b.right <= box.right + 1 && b.top >= box.top - 1
+        && b.bottom <= box.bottom + 1;
+  };
+  const texts = Array.from(s.querySelectorAll('text.point'));
+  const r = texts.map(t => t.getBoundingClientRect());
+  let overlaps = 0;
+  for (let i = 0; i < r.length; i++) for (let j = i + 1; j < r.length; j++)
+    if (r[i].left < r[j].right && r[j].left < r[i].right && r[i].top < r[j].bottom
+        && r[j].top < r[i].bottom) overlaps++;
+  return {title: s.getAttribute('data-title'),
+          points: Array.from(s.querySelectorAll('circle')).map(c => ({
+              label: c.getAttribute('data-label'), front: c.classList.contains('front'),
+              visible: seen(c)})),
+          labels: texts.map(t => ({text: t.textContent, visible: seen(t)})),
+          front_lines: s.querySelectorAll('polyline.front').length, label_overlaps: overlaps};
 };
 """
 
@@ -74,7 +102,7 @@ def check(page: str, screenshot: str | None = None) -> dict:
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
       driver.get("file://" + page)
-      found = driver.execute_script(_INSPECT)
+      found = driver.execute_script(_SCATTER + _INSPECT)
       found["console"] = [{"level": e["level"], "message": e["message"]}
                           for e in driver.get_log("browser")]
       if screenshot:  # the whole page, not only the window (DevTools' capture beyond it)

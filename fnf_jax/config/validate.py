@@ -14,6 +14,7 @@ import re
 from fnf_jax.config import choices
 from fnf_jax.data import reward_datasets
 from fnf_jax.config import inputs as inputs_lib
+from fnf_jax.config import sweep
 from fnf_jax.config.errors import ConfigError
 # The checks' vocabulary (each message names the key, the value and what is valid); the plugins'
 # checks use it through this module.
@@ -126,8 +127,8 @@ def mesh(config) -> None:
     if unknown:
       raise ConfigError(f"config.sharding_rules maps {logical!r} to mesh axes {unknown}, which "
                         f"config.mesh does not have; its axes are {tuple(sizes)}")
-  known = math.prod(s for s in sizes.values() if s != -1)
-  check_batch(config, known)
+  # A sweep's members each see the whole batch: it is split over the other axes.
+  check_batch(config, sweep.batch_devices(sizes))
 
 
 def distributed_explicit(d) -> bool:
@@ -234,6 +235,7 @@ def training(config) -> None:
   number(config, "objective.beta", 0.0)
   one_of(config, "objective.constraint_norm", choices.CONSTRAINT_NORMS)
   number(config, "objective.gamma", 0.0)
+  sweep.check(config)
   one_of(config, "mask.threshold_mode", choices.THRESHOLD_MODES)
   if value(config, "mask.threshold_mode") == "quantile":
     number(config, "mask.threshold", 0.0, 1.0)

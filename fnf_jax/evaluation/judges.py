@@ -20,6 +20,8 @@ class Judge:
   evaluate: Callable[[Any, Sequence[str]], dict]
   problem: str  # the key of evaluate's output that is True where the image is a problem
   description: str  # one sentence for the report: what it is and what it calls a problem
+  # Its other measures that are better low; the rest count as better high (the Pareto front).
+  lower_is_better: tuple = ()
 
 
 # name -> the "module:function" that returns its Judge (the core has none: plugins add theirs).

@@ -4,7 +4,9 @@
     index.html      the summary table, the per-category table and plot (categories.png),
                     the grid (grid.png: rows are examples, the base's largest masks first;
                     columns base | base with M outlined | each method), each run's training
-                    curves (inline SVG from its metrics.jsonl)
+                    curves (inline SVG from its metrics.jsonl; a sweep member's are its
+                    "<key>/<label>" entries), and with two methods or more the Pareto front
+                    (fnf_jax/evaluation/pareto.py: result["pareto"], inline SVG scatters)
     ab/             pairs base vs method in random order for human raters: pair_NNNN_1.png and
                     pair_NNNN_2.png, key.json (which side is which; keep it from the raters),
                     ratings.csv (one row per pair to fill in: 1, 2 or same)
@@ -17,6 +19,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from fnf_jax.evaluation import pareto
 
 BASE = "base"
 OUTLINE = (255, 0, 255)
@@ -195,6 +199,32 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def history(log) -> list[dict]:
+  """A method's training log rows: `log` is a run's metrics.jsonl, or (metrics.jsonl, label) for
+  a member of a sweep, whose numbers are logged as "<key>/<label>" (renamed "<key>" here)."""
+  if isinstance(log, str):
+    return _read_jsonl(log)
+  path, member = log
+  suffix = "/" + member
+  return [{"step": r["step"], **{k[:-len(suffix)]: v for k, v in r.items() if k.endswith(suffix)}}
+          for r in _read_jsonl(path)]
+
+
+def front_section(result: dict, labels: dict | None = None) -> str:
+  """The Pareto front's HTML (result["pareto"], fnf_jax/evaluation/pareto.py); "" when there is
+  none (fewer than two methods)."""
+  charts = result.get("pareto") or []
+  if not charts:
+    return ""
+  label = lambda m: html.escape((labels or {}).get(m, m))
+  on = "".join(f"<li>{html.escape(c['y']['title'])} against {html.escape(c['x']['title'])}: "
+               f"{', '.join(label(m) for m in c['front'])}</li>" for c in charts)
+  return (f"<h2>Pareto front</h2>\n<p>Each method a point; filled and joined: those no other "
+          f"method beats on both measures (the base's PSNR outside M is infinite: it changed "
+          f"nothing). On the front:</p><ul>{on}</ul>\n"
+          + "".join(pareto.svg_scatter(c, labels) for c in charts))
+
+
 def _png(path: str, image: np.ndarray, min_side: int = 128) -> None:
   """A [H, W, 3] image in [0, 1], enlarged (nearest) to at least `min_side` for raters."""
   array = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
@@ -228,11 +258,12 @@ def write_ab(folder: str, out: dict, examples: list, methods: list[str], seed: i
   return len(pairs)
 
 
-def write(folder: str, result: dict, out: dict, examples: list, logs: dict[str, str], *,
+def write(folder: str, result: dict, out: dict, examples: list, logs: dict, *,
           rows: int, seed: int, labels: dict | None = None, title: str | None = None) -> str:
   """The folder (module docstring) from `result` (eval_job.metrics, plus an optional "setup"
   dict shown as is) and the samples `out`; `labels` = display names by method (the files and
-  keys keep the names), `title` the page's heading."""
+  keys keep the names), `title` the page's heading. `logs`: each method's training log, as
+  `history` takes it."""
   os.makedirs(folder, exist_ok=True)
   label = lambda m: (labels or {}).get(m, m)
   with open(os.path.join(folder, "metrics.json"), "w") as f:
@@ -250,9 +281,9 @@ def write(folder: str, result: dict, out: dict, examples: list, logs: dict[str, 
   has_plot = category_plot(os.path.join(folder, "categories.png"), result)
   pairs = write_ab(os.path.join(folder, "ab"), out, examples, methods, seed)
   cols = columns(result)
-  history = {m: _read_jsonl(p) for m, p in logs.items()}
+  history_of = {m: history(log) for m, log in logs.items()}
   curves = "".join(svg_curve({m: [(r["step"], r[k]) for r in h if k in r]
-                              for m, h in history.items()}, curve_title, labels=labels)
+                              for m, h in history_of.items()}, curve_title, labels=labels)
                    for k, curve_title in (("reward", "reward on training batches"),
                                           ("change_outside", "mean |Î − Î0| outside M")))
   per_category = "".join(f"<h3>{html.escape(c)}</h3>" + table(ms, cols, labels)
@@ -274,6 +305,7 @@ its standard error). PSNR, SSIM and MSE compare Î with Î0 outside the base's m
 inside M is the mean absolute difference there. A problem: {html.escape(
     result['judge']['description'])} (judge {html.escape(result['judge']['name'])}).</p>
 {table(result['methods'], cols, labels)}
+{front_section(result, labels)}
 <h2>By category</h2>
 {'<img src="categories.png" alt="target reward by category">' if has_plot else '<p>The prompt source has no categories.</p>'}
 {per_category}

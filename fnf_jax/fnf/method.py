@@ -106,10 +106,11 @@ def reward_mask(reward: registry.Reward, mask_cfg, params, images, ids) -> jax.A
   return masks.from_config(heat, images.shape[1:3], mask_cfg, scores)
 
 
-def latent_term_fn(pipe, s: Sampler, gamma: float, frozen, batch, cond, mask):
+def latent_term_fn(pipe, s: Sampler, latent: bool, frozen, batch, cond, mask):
   """aux_fn(x_t, t, ε_θ) -> [B] of the gradient steps: the latent ε-difference to the frozen
-  model outside the (latent-grid) mask, or None with γ = 0."""
-  if gamma <= 0:
+  model outside the (latent-grid) mask, or None without the γ-term
+  (objective.Objective.computes_latent)."""
+  if not latent:
     return None
   base = denoiser(pipe, s, frozen["unet"], cond, s.copies)
   m = jnp.concatenate([objective.latent_mask(mask, batch["x_T"].shape[1:3])] * s.copies, 0)

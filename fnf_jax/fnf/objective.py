@@ -7,7 +7,9 @@ weights and choices (config block `objective`); the functions take it or what th
 """
 
 import dataclasses
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -17,7 +19,7 @@ REWARD_REGIONS = choices.REWARD_REGIONS
 CONSTRAINT_NORMS = choices.CONSTRAINT_NORMS
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Objective:
   """The objective's weights and choices (config block `objective`, configs/focus_n_fix.py):
 
@@ -29,23 +31,40 @@ class Objective:
   reward_weight: w, the weight of the batch's mean reward.
   beta: β, the weight of the mean change outside M, ‖(1 − M) ⊙ (Î − Î0)‖ (`regional_constraint`).
   constraint_norm: that change's form, one of CONSTRAINT_NORMS.
-  gamma: γ, the weight of the mean latent ε-difference outside m (`latent_difference`); 0: the
-    term is not computed.
+  gamma: γ, the weight of the mean latent ε-difference outside m (`latent_difference`).
+  latent: whether the γ-term is computed at all (None: when γ > 0). A sweep computes it for
+    every member when any has γ > 0 (a member with γ = 0 then adds 0 · term).
+
+  A pytree: the three weights are its leaves, so the step takes them as runtime inputs (in
+  `frozen["objective"]`; stacked [N] in a sweep) and other weights never recompile it; the
+  choices are static.
   """
-  # The weights stay the config's Python numbers, never arrays: the step's programs fold them in
-  # as constants, exactly as when the loss read the config block itself.
-  mask: str
-  reward_region: str
-  reward_weight: float
-  beta: float
-  constraint_norm: str
-  gamma: float
+  mask: str = flax.struct.field(pytree_node=False)
+  reward_region: str = flax.struct.field(pytree_node=False)
+  reward_weight: Any
+  beta: Any
+  constraint_norm: str = flax.struct.field(pytree_node=False)
+  gamma: Any
+  latent: bool | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def from_config(cls, obj_cfg) -> "Objective":
+  def from_config(cls, obj_cfg, *, latent: bool | None = None) -> "Objective":
     """From config.objective, validated by fnf_jax.config.validate (a missing field raises
     AttributeError here; values are not checked again)."""
-    return cls(**{f.name: getattr(obj_cfg, f.name) for f in dataclasses.fields(cls)})
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "latent"]
+    # Decided here, from the config's number: in the step γ is a traced input.
+    return cls(**{name: getattr(obj_cfg, name) for name in fields},
+               latent=obj_cfg.gamma > 0 if latent is None else latent)
+
+  @property
+  def computes_latent(self) -> bool:
+    return bool(self.gamma > 0) if self.latent is None else self.latent
+
+
+def weigh(weight, value: jax.Array) -> jax.Array:
+  """weight · value in value's dtype: what a Python-float weight gives (weakly typed), for a
+  weight that is a float32 array (a sweep's) too."""
+  return jnp.asarray(weight, value.dtype) * value
 
 
 def reward_input(images: jax.Array, mask: jax.Array, region: str) -> jax.Array:
@@ -105,8 +124,9 @@ def loss(*, rewards: jax.Array, images: jax.Array, reference: jax.Array, mask: j
   change metrics are measured in.
   """
   constraint = regional_constraint(images, reference, mask, obj.constraint_norm)
-  total = -obj.reward_weight * jnp.mean(rewards) + obj.beta * jnp.mean(constraint)
-  metrics = {"loss": total, "reward": jnp.mean(rewards), "reward_std": jnp.std(rewards),
+  mean_reward = jnp.mean(rewards)
+  total = weigh(-obj.reward_weight, mean_reward) + weigh(obj.beta, jnp.mean(constraint))
+  metrics = {"loss": total, "reward": mean_reward, "reward_std": jnp.std(rewards),
              "constraint": jnp.mean(constraint),
              **change_metrics(images, reference, mask if region is None else region)}
   if latent_term is not None:
@@ -118,7 +138,7 @@ def add_latent_term(total: jax.Array, metrics: dict, latent_term: jax.Array,
                     obj: Objective) -> tuple[jax.Array, dict]:
   """The γ-term's share: total + γ · mean(latent term), and its metric. The training step adds
   it apart from the image terms (its gradient comes back through the sampler's steps)."""
-  total = total + obj.gamma * jnp.mean(latent_term)
+  total = total + weigh(obj.gamma, jnp.mean(latent_term))
   return total, dict(metrics, loss=total, latent_term=jnp.mean(latent_term))
 
 

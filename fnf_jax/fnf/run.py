@@ -70,19 +70,24 @@ def setup(config, base: Run | None = None) -> Run:
     pipe = load_pipeline(config)
     reward = registry.build(config.reward)
     abstract = pipe.abstract_params()
-    frozen_shardings = {name: sharding.logical_shardings(abstract[name], mesh, rules)
-                        for name in abstract}
-    frozen_shardings["reward"] = jax.tree.map(lambda _: sharding.replicated(mesh), reward.params)
-    frozen = sharding.put({**pipe.params, "reward": reward.params}, frozen_shardings)
+    model_shardings = {name: sharding.logical_shardings(abstract[name], mesh, rules)
+                       for name in abstract}
+    model_shardings["reward"] = jax.tree.map(lambda _: sharding.replicated(mesh), reward.params)
+    models = sharding.put({**pipe.params, "reward": reward.params}, model_shardings)
   else:
     differ = [k for k in SHARED_WEIGHTS if _json(config[k]) != _json(base.config[k])]
     if differ:
       raise ValueError(f"setup(config, base=...): config.{differ[0]} differs from the base run's;"
                        f" a run shares the loaded weights only when {SHARED_WEIGHTS} agree")
     mesh, rules, pipe, reward = base.mesh, base.rules, base.pipe, base.reward
-    frozen, frozen_shardings = base.frozen, base.frozen_shardings
+    models = {k: v for k, v in base.frozen.items() if k != "objective"}
+    model_shardings = {k: v for k, v in base.frozen_shardings.items() if k != "objective"}
   start = lora_io.start(config.lora, pipe.params["unet"])  # lora.init's file, read and checked
   step = train_step.build(pipe, reward, config, start)
+  # The objective's weights: inputs of the step like the models (stacked over a sweep's members).
+  weights = sharding.stacked(mesh) if step.members else sharding.replicated(mesh)
+  frozen = {**models, "objective": jax.device_put(step.objective, weights)}
+  frozen_shardings = {**model_shardings, "objective": weights}
   return Run(config=config, pipe=pipe, reward=reward, step=step, mesh=mesh, rules=rules,
              frozen=frozen, frozen_shardings=frozen_shardings,
              examples=training_examples(config, pipe, reward=reward),

@@ -3,7 +3,10 @@
     sampled = forward(lora, frozen, batch, rng)                # S DDIM steps, no gradient
     metrics, g_x0 = image_grads(frozen, batch, x0, Î0, M)      # decode, reward, constraint: d/dx_0
     grads, latent = lora_grads(lora, frozen, batch, sampled, g_x0, M)  # back through K steps
-    state, metrics = update(state, grads, metrics, latent)     # optimizer, non-finite guard
+    state, metrics = update(state, obj, grads, metrics, latent)  # optimizer, non-finite guard
+
+The objective's weights are inputs, `frozen["objective"]` (objective.Objective), not constants:
+another β, γ or reward weight runs the same programs (fnf_jax/fnf/sweep.py stacks them).
 
 `run(pieces, state, frozen, batch, rng)` is the step: `train_step.build` binds the pieces, the
 training loop compiles each (fnf_jax/runtime/compilation.py) and runs the same `run` on the compiled
@@ -44,7 +47,7 @@ class Pieces(NamedTuple):
   forward: Callable  # (lora, frozen, batch, rng) -> Sampled
   image_grads: Callable  # (frozen, batch, x0, Î0, M) -> (metrics, d loss / d x0)
   lora_grads: Callable  # (lora, frozen, batch, Sampled, g_x0, M) -> (grads, latent term)
-  update: Callable  # (state, grads, metrics, latent term) -> (state, metrics)
+  update: Callable  # (state, objective, grads, metrics, latent term) -> (state, metrics)
 
 
 def run(pieces: Pieces, state, frozen, batch, rng):
@@ -53,7 +56,7 @@ def run(pieces: Pieces, state, frozen, batch, rng):
   sampled = pieces.forward(state.lora, frozen, batch, rng)
   metrics, g_x0 = pieces.image_grads(frozen, batch, sampled.x0, reference_images, region)
   grads, latent = pieces.lora_grads(state.lora, frozen, batch, sampled, g_x0, region)
-  return pieces.update(state, grads, metrics, latent)
+  return pieces.update(state, frozen["objective"], grads, metrics, latent)
 
 
 def gradient_schedule(pipe, s, batch) -> tuple[jax.Array, jax.Array, float]:
@@ -86,21 +89,23 @@ def forward(pipe, s, lora_scale: float, lora, frozen, batch, rng) -> Sampled:
   return Sampled(x0=x0, xs=xs, cond=cond)
 
 
-def image_grads(pipe, reward, s, obj: objective.Objective, frozen, batch, x0, reference_images,
+def image_grads(pipe, reward, s, frozen, batch, x0, reference_images,
                 region) -> tuple[dict, jax.Array]:
   """The image terms of the objective (method.image_loss) at x_0, and their gradient."""
-  f = lambda x: method.image_loss(pipe, reward, s, obj, frozen, batch, x,
-                                      reference_images, region)
+  f = lambda x: method.image_loss(pipe, reward, s, frozen["objective"], frozen, batch, x,
+                                  reference_images, region)
   (_, (metrics, _)), g_x0 = jax.value_and_grad(f, has_aux=True)(x0)
   return metrics, g_x0
 
 
-def lora_grads(pipe, s, obj: objective.Objective, lora_scale: float, lora, frozen, batch,
-               sampled: Sampled, g_x0, region) -> tuple[Any, jax.Array]:
+def lora_grads(pipe, s, lora_scale: float, lora, frozen, batch, sampled: Sampled, g_x0,
+               region) -> tuple[Any, jax.Array]:
   """The LoRA's gradient back through the steps that carry gradient, from x_0's (and, with
-  γ > 0, the latent term's) gradient; and the latent term's value (0 with γ = 0)."""
+  the γ-term, the latent term's) gradient; and the latent term's value (0 without it)."""
+  obj = frozen["objective"]
   mask = method.objective_mask(obj, region)
-  aux_fn = method.latent_term_fn(pipe, s, obj.gamma, frozen, batch, sampled.cond, mask)
+  aux_fn = method.latent_term_fn(pipe, s, obj.computes_latent, frozen, batch, sampled.cond,
+                                 mask)
   ts, noise, eta = gradient_schedule(pipe, s, batch)
 
   def step(p, x, t, n):
@@ -112,11 +117,11 @@ def lora_grads(pipe, s, obj: objective.Objective, lora_scale: float, lora, froze
                            remat_policy=s.remat_policy)
 
 
-def update(tx: optax.GradientTransformation, optim_cfg, obj: objective.Objective, state, grads,
+def update(tx: optax.GradientTransformation, optim_cfg, state, obj: objective.Objective, grads,
            metrics, latent) -> tuple[Any, dict]:
   """The optimizer step; a step whose loss, gradients, update or new weights are not finite is
   not taken."""
-  if obj.gamma > 0:
+  if obj.computes_latent:
     _, metrics = objective.add_latent_term(metrics["loss"], metrics, latent, obj)
   updates, opt_state = tx.update(grads, state.opt_state, state.lora)
   lora = optax.apply_updates(state.lora, updates)

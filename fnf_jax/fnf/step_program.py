@@ -24,7 +24,8 @@ def _specs(tree, shardings):
   subtree)."""
   return jax.tree.map(
       lambda s, sub: jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), sub),
+          lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s,
+                                         weak_type=getattr(a, "weak_type", False)), sub),
       shardings, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
@@ -41,6 +42,10 @@ def compile_step(step, mesh, rules, *, online_reference: bool, state, state_shar
   repl = sharding.replicated(mesh)
   on_batch = lambda axis: sharding.batch_sharding(mesh, axis + 1, rules, axis)
   b0, b1 = on_batch(0), on_batch(1)  # the batch on axis 0 (x_0) or 1 (xs [K, B, ...])
+  # Per-member outputs (x_0, the kept inputs, d/dx_0, gradients, metrics): in a sweep they carry
+  # the members' axis first; the reference and the key are shared.
+  m0, m1, mrepl = (b0, b1, repl) if not step.members else (
+      sharding.stacked(mesh, b0), sharding.stacked(mesh, b1), sharding.stacked(mesh))
   state_spec = _specs(state, state_shardings)
   frozen_spec = _specs(frozen, frozen_shardings)
   rng_spec = jax.ShapeDtypeStruct(np.shape(rng), rng.dtype, sharding=repl)
@@ -56,13 +61,14 @@ def compile_step(step, mesh, rules, *, online_reference: bool, state, state_shar
     ref_spec = trace("reference", p.reference, b0, frozen_spec, batch_spec)
   else:
     ref_spec = p.reference(frozen_spec, batch_spec)  # the batch's cached Î0 and M
-  sampled = trace("forward", p.forward, step_pieces.Sampled(x0=b0, xs=b1, cond=b0), lora_spec,
+  sampled = trace("forward", p.forward, step_pieces.Sampled(x0=m0, xs=m1, cond=m0), lora_spec,
                   frozen_spec, batch_spec, rng_spec)
-  metrics, g_x0 = trace("image_grads", p.image_grads, (repl, b0), frozen_spec, batch_spec,
+  metrics, g_x0 = trace("image_grads", p.image_grads, (mrepl, m0), frozen_spec, batch_spec,
                         sampled.x0, *ref_spec)
-  grads, latent = trace("lora_grads", p.lora_grads, repl, lora_spec, frozen_spec, batch_spec,
+  grads, latent = trace("lora_grads", p.lora_grads, mrepl, lora_spec, frozen_spec, batch_spec,
                         sampled, g_x0, ref_spec[1])
-  trace("update", p.update, (state_shardings, repl), state_spec, grads, metrics, latent,
+  trace("update", p.update, (state_shardings, mrepl), state_spec, frozen_spec["objective"],
+        grads, metrics, latent,
         donate=(0,))
   compiled, info = compiler.finish()
   for name, program in compiled.items():

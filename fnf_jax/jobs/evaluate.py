@@ -7,9 +7,13 @@ the same x_T, and what changed.
 The config is the training config (its model, reward, mask, sampling and prompts); each run in
 `eval.runs` ("name=WORKDIR") must have been trained from the same base model (its
 WORKDIR/config.json says so, or the job refuses naming both models) and its LoRA is read from
-WORKDIR (fnf_jax/models/lora_io.py). The prompts are the `eval` split of the prompt source
-(`prompts.eval_fraction`: training never sees them), each with `eval.seeds_per_prompt` seeds
-offset by `eval.seed_offset` (other x_T than training's). Per method (fnf_jax/evaluation/metrics.py):
+WORKDIR (fnf_jax/models/lora_io.py). A run whose config has a sweep (fnf_jax/fnf/sweep.py: its
+WORKDIR/config.json, or this config for --workdir itself) is one method per member, named by its
+label ("beta=0.1"; "NAME:beta=0.1" when eval.runs names several runs), its LoRA read from
+WORKDIR/sweep/<label>.safetensors and its training curves from the run's "<key>/<label>"
+entries. The prompts are the `eval` split of the prompt source (`prompts.eval_fraction`:
+training never sees them), each with `eval.seeds_per_prompt` seeds offset by `eval.seed_offset`
+(other x_T than training's). Per method (fnf_jax/evaluation/metrics.py):
 
     the target reward (config.reward) and each reward of `eval.rewards`: mean, and the paired
         change against the base with its standard error;
@@ -23,10 +27,14 @@ offset by `eval.seed_offset` (other x_T than training's). Per method (fnf_jax/ev
 With `prompts.eval_fraction` = 0 there are no held-out prompts: the job then samples every
 prompt at its own seeds (the toy demo's case, 12 captions), and says so in the log.
 
-Written by process 0 to WORKDIR/report/: metrics.json, index.html (the table, the per-category
-table and plot, a grid base | base with M outlined | each method, each run's training curves),
-and ab/: randomised pairs base vs method for human raters (pair_NNNN_{1,2}.png, key.json with
-which side is which, ratings.csv to fill in).
+With two methods or more, the Pareto front of the methods and the base
+(fnf_jax/evaluation/pareto.py: the judge's problem rate or the target reward against PSNR
+outside M, and against a second reward) is in the metrics ("pareto") and drawn in the report.
+
+Written by process 0 to WORKDIR/report/: metrics.json, index.html (the table, the Pareto front,
+the per-category table and plot, a grid base | base with M outlined | each method, each run's
+training curves), and ab/: randomised pairs base vs method for human raters
+(pair_NNNN_{1,2}.png, key.json with which side is which, ratings.csv to fill in).
 """
 
 import dataclasses
@@ -34,14 +42,18 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
 from fnf_jax.runtime import distributed
 from fnf_jax.evaluation import metrics as evaluation
 from fnf_jax.evaluation import judges
+from fnf_jax.evaluation import pareto
 from fnf_jax.runtime import runlock
 from fnf_jax.fnf import run as run_lib
+from fnf_jax.fnf import sweep as sweep_lib
+from fnf_jax.config import sweep as config_sweep
 from fnf_jax.config import validate
 from fnf_jax.data import examples as examples_lib
 from fnf_jax.data import prompts as prompts_lib
@@ -53,8 +65,22 @@ BASE = validate.BASE_METHOD  # the base model's method name
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+  """A column of the evaluation: a run, or one member of a run's sweep."""
   name: str
   workdir: str
+  member: str = ""  # a sweep member's label; "" = the run's own LoRA
+
+  @property
+  def lora(self) -> str:
+    """Where its LoRA is read (lora_for_step): the run's workdir, or the member's export."""
+    return sweep_lib.export_path(self.workdir, self.member) if self.member else self.workdir
+
+  @property
+  def log(self):
+    """Its training log as report.write's `logs` take it: metrics.jsonl, with the label for a
+    member (its numbers are logged as "<key>/<label>")."""
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    return (path, self.member) if self.member else path
 
 
 def parse_runs(config, workdir: str) -> list[Method]:
@@ -65,21 +91,54 @@ def parse_runs(config, workdir: str) -> list[Method]:
   return [Method(*str(spec).split("=", 1)) for spec in config.eval.runs]
 
 
+def _record(m: Method) -> dict:
+  """The run's WORKDIR/config.json."""
+  record = os.path.join(m.workdir, "config.json")
+  if not os.path.isfile(record):
+    raise validate.ConfigError(f"eval run {m.name!r}: {record} does not exist (not a training "
+                               "workdir, or its run never started)")
+  with open(record) as f:
+    return json.load(f)
+
+
 def check_runs(config, methods: list[Method]) -> None:
   """Every run exists and was trained from config.model.path, before anything loads."""
   for m in methods:
-    record = os.path.join(m.workdir, "config.json")
-    if not os.path.isfile(record):
-      raise validate.ConfigError(f"eval run {m.name!r}: {record} does not exist (not a training "
-                                 "workdir, or its run never started)")
-    with open(record) as f:
-      trained = json.load(f)
-    model = trained.get("model", {}).get("path")
+    model = _record(m).get("model", {}).get("path")
     if model != config.model.path:
       raise validate.ConfigError(
-          f"eval run {m.name!r} was trained from model {model!r} ({record}); this evaluation's "
-          f"base model is {config.model.path!r}: runs of different base models cannot be "
-          "compared with one base")
+          f"eval run {m.name!r} was trained from model {model!r} "
+          f"({os.path.join(m.workdir, 'config.json')}); this evaluation's base model is "
+          f"{config.model.path!r}: runs of different base models cannot be compared with one "
+          "base")
+
+
+def members(config, run: Method) -> tuple[str, ...]:
+  """The labels of the run's sweep, () for a single run: this config's for the job's own
+  workdir (eval.runs = ()) when it has a sweep, else the run's config.json's."""
+  if not config.eval.runs and config_sweep.settings(config):
+    return config_sweep.labels(config)
+  trained = _record(run)
+  if not trained.get("sweep"):
+    return ()
+  return config_sweep.labels(ml_collections.ConfigDict({"sweep": trained["sweep"]}))
+
+
+def expand_sweeps(config, runs: list[Method]) -> list[Method]:
+  """`runs` with each sweep replaced by its members (module docstring), every member's LoRA
+  file checked before anything loads."""
+  methods = []
+  for run in runs:
+    labels = members(config, run)
+    prefix = f"{run.name}:" if len(runs) > 1 else ""
+    methods += ([Method(prefix + label, run.workdir, label) for label in labels] if labels
+                else [run])
+  for m in methods:
+    if m.member and not os.path.isfile(m.lora):
+      raise validate.ConfigError(
+          f"eval method {m.name!r}: {m.lora} does not exist; the run in {m.workdir} trains a "
+          "sweep and exports each member's LoRA there when it finishes: finish the run first")
+  return methods
 
 
 def lora_for_step(source: str, unet_params, lora_cfg) -> dict:
@@ -179,7 +238,10 @@ def judge(config, out: dict, methods: list[str], examples: list) -> dict:
     for measure, values in verdict.items():
       if measure != analytic.problem:
         out[f"judge/{measure}/{n}"] = np.asarray(values, np.float32)
-  return {"name": key, "kind": "analytic", "description": analytic.description}
+  return {"name": key, "kind": "analytic", "description": analytic.description,
+          # Its other measures in its own order, and which of them are better low (the front).
+          "measures": [m for m in verdict if m != analytic.problem],
+          "lower_is_better": list(analytic.lower_is_better)}
 
 
 def method_metrics(out: dict, name: str, rewards: list[str], rows=None) -> dict:
@@ -216,6 +278,7 @@ def metrics(config, out: dict, methods: list[str], examples: list, categories: d
     rows = np.asarray(rows)
     result["categories"][c] = {n: method_metrics(out, n, rewards, rows)
                                for n in [BASE] + methods}
+  result["pareto"] = pareto.fronts(result)
   return result
 
 
@@ -234,18 +297,20 @@ def run(config, workdir: str) -> dict:
 
 def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
   """(metrics, the samples and scores of `sample`, the examples): the job, whole."""
-  methods = parse_runs(config, workdir)
-  check_runs(config, methods)
+  runs = parse_runs(config, workdir)
+  check_runs(config, runs)
+  methods = expand_sweeps(config, runs)
   distributed.initialize(config.distributed)
   with runlock.hold(workdir, distributed.is_writer()):
-    setup = run_lib.setup(config)
+    # One LoRA at a time: the config's own sweep (if any) is not this job's step.
+    single = config_sweep.member_config(config, {}) if config_sweep.settings(config) else config
+    setup = run_lib.setup(single)
     examples, categories = eval_examples(config, setup)
-    loras = {m.name: lora_for_step(m.workdir, setup.frozen["unet"], config.lora)
-             for m in methods}
+    loras = {m.name: lora_for_step(m.lora, setup.frozen["unet"], config.lora) for m in methods}
     logging.info("eval: %d examples, methods %s, rewards %s, judge %r", len(examples),
                  [BASE] + list(loras), reward_keys(config), judge_key(config))
     result, out = measure(config, setup, loras, examples, categories)
-    result["setup"] = {"runs": {m.name: m.workdir for m in methods},
+    result["setup"] = {"runs": {m.name: m.lora for m in methods},
                        "seeds_per_prompt": config.eval.seeds_per_prompt,
                        "seed_offset": config.eval.seed_offset,
                        "ddim_steps": config.sampling.num_steps,
@@ -253,7 +318,7 @@ def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
     if distributed.is_writer():
       from fnf_jax.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
       eval_report.write(os.path.join(workdir, "report"), result, out, examples,
-                        {m.name: os.path.join(m.workdir, "metrics.jsonl") for m in methods},
+                        {m.name: m.log for m in methods},
                         rows=config.eval.grid_rows, seed=config.seed)
       print(eval_report.table_text(result["methods"], eval_report.columns(result)), flush=True)
     return result, out, examples

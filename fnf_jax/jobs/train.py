@@ -18,6 +18,7 @@ from fnf_jax.data import examples as examples_lib
 from fnf_jax.fnf import reference_cache
 from fnf_jax.fnf import run as run_lib
 from fnf_jax.fnf import step_program
+from fnf_jax.fnf import sweep
 from fnf_jax.jobs import cache as cache_job
 from fnf_jax.runtime import checkpoint
 from fnf_jax.runtime import distributed
@@ -61,32 +62,13 @@ def _fit(config, workdir: str, run: run_lib.Run, changes: dict) -> tuple[dict, d
   cached = _reference(config, workdir, run)
   examples = run_lib.select_examples(config, run.examples, cached)
   feed = examples_lib.Feed(examples, config.data.batch_size, config.seed)
-  init_key = run_lib.step_keys(config.seed)[0]
   repl = sharding.replicated(mesh)
   # The step keys' root as a global array (every process saves its part of the checkpoint).
   rng = jax.jit(lambda: run_lib.step_keys(config.seed)[1], out_shardings=repl)()
 
   # The mesh context and rules make the modules' nn.with_logical_constraint calls take effect.
   with mesh, nn.logical_axis_rules(run.rules):
-    # State: born sharded (LoRA and optimizer state are small: replicated). lora.init's tree
-    # is an argument, not a constant folded into the program.
-    init = lambda key, unet, start: run.step.init_state(key, unet, start)
-    abstract_state = jax.eval_shape(init, init_key, run.frozen["unet"], run.step.start)
-    state_shardings = jax.tree.map(lambda _: repl, abstract_state)
-    state = jax.jit(init, out_shardings=state_shardings)(init_key, run.frozen["unet"],
-                                                         run.step.start)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          {"train": abstract_state, "rng": jax.eval_shape(lambda: rng)},
-                          {"train": state_shardings, "rng": repl})
-    start = loop_lib.restore(workdir, config.checkpoint, target, changes=changes, config=config)
-    if start.restored is not None:
-      state, rng = start.restored["train"], start.restored["rng"]
-      logging.info("resuming from checkpoint step %d in %s (data position %d)", start.step,
-                   os.path.join(workdir, "checkpoints"), start.meta["position"])
-      # The restored optimizer state holds the saving run's rate and Adam constants: this
-      # run's config is what applies (resume.SAFE lets a resume change them).
-      state = jax.jit(lambda s: s.replace(opt_state=optimizer_lib.with_hyperparams(
-          config.optim, s.opt_state)), out_shardings=state_shardings)(state)
+    state, rng, state_shardings, start = _start(config, workdir, run, changes, rng)
     if start.step >= t.num_steps:
       start.checkpointer.close()
       logging.info("the run in %s is finished (step %d of %d): nothing to train", workdir,
@@ -120,10 +102,12 @@ def _fit(config, workdir: str, run: run_lib.Run, changes: dict) -> tuple[dict, d
     if config.log.image_every:
       panels = lambda writer, state, batch, step: _panels(run, writer, state, batch, step)
     loop = loop_lib.Loop(
-        workdir=workdir, num_steps=t.num_steps, batch_size=batch_size,
+        # The rate counts every member's images (a sweep trains N LoRAs on each batch).
+        workdir=workdir, num_steps=t.num_steps,
+        batch_size=batch_size * max(1, len(run.step.members)),
         log_every=config.log.every, tensorboard=config.log.tensorboard,
         image_every=config.log.image_every, meta=meta, panels=panels,
-        saved=lambda state: {"train": state, "rng": rng},
+        saved=lambda state: {"train": state, "rng": rng}, members=run.step.members,
         guard_message="lower optim.lr or check the reward before resuming")
     # Host batches are built ahead by a thread while the devices compute; metrics stay on the
     # devices until a step logs or checkpoints (fetching them every step would wait for it).
@@ -135,14 +119,52 @@ def _fit(config, workdir: str, run: run_lib.Run, changes: dict) -> tuple[dict, d
   return last, jax.device_get(state.lora)
 
 
+def _start(config, workdir: str, run: run_lib.Run, changes: dict, rng):
+  """(state, step keys' root, state shardings, loop.Start): step 0's, or the newest
+  checkpoint's that restores."""
+  repl = sharding.replicated(run.mesh)
+  init_key = run_lib.step_keys(config.seed)[0]
+  # State: born sharded (LoRA and optimizer state are small: replicated). lora.init's tree
+  # is an argument, not a constant folded into the program.
+  init = lambda key, unet, start: run.step.init_state(key, unet, start)
+  abstract_state = jax.eval_shape(init, init_key, run.frozen["unet"], run.step.start)
+  # A sweep's states are stacked [N, ...]: over the mesh's "sweep" axis where it has one.
+  state_sharding = sharding.stacked(run.mesh) if run.step.members else repl
+  state_shardings = jax.tree.map(lambda _: state_sharding, abstract_state)
+  state = jax.jit(init, out_shardings=state_shardings)(init_key, run.frozen["unet"],
+                                                       run.step.start)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        {"train": abstract_state, "rng": jax.eval_shape(lambda: rng)},
+                        {"train": state_shardings, "rng": repl})
+  start = loop_lib.restore(workdir, config.checkpoint, target, changes=changes, config=config)
+  if start.restored is not None:
+    state, rng = start.restored["train"], start.restored["rng"]
+    logging.info("resuming from checkpoint step %d in %s (data position %d)", start.step,
+                 os.path.join(workdir, "checkpoints"), start.meta["position"])
+    # The restored optimizer state holds the saving run's rate and Adam constants: this
+    # run's config is what applies (resume.SAFE lets a resume change them).
+    refresh = lambda s: s.replace(opt_state=optimizer_lib.with_hyperparams(config.optim,
+                                                                           s.opt_state))
+    if run.step.members:  # each member's state (stacked)
+      refresh = jax.vmap(refresh)
+    state = jax.jit(refresh, out_shardings=state_shardings)(state)
+  return state, rng, state_shardings, start
+
+
 def _finish(config, workdir: str, state, step: int) -> dict:
   """The end of training: the LoRA file (written only now, with its step in its metadata).
   Returns the last logged metrics."""
-  lora = jax.device_get(state.lora)  # replicated: every process holds all of it
+  # Gathered to every process (a sweep's members may be sharded over the "sweep" axis).
+  lora = jax.tree.map(distributed.gather, state.lora)
+  members = sweep.labels(config)
+  files = ([(lora, os.path.join(workdir, "lora.safetensors"))] if not members else
+           [(jax.tree.map(lambda x, i=i: x[i], lora), sweep.export_path(workdir, name))
+            for i, name in enumerate(members)])
   if distributed.is_writer():
-    checkpoint.export_lora_safetensors(lora, os.path.join(workdir, "lora.safetensors"),
-                                       alpha=config.lora.alpha, rank=config.lora.rank,
-                                       step=step)
+    for tree, path in files:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      checkpoint.export_lora_safetensors(tree, path, alpha=config.lora.alpha,
+                                         rank=config.lora.rank, step=step)
   return log_lib.last_row(workdir)
 
 
@@ -155,5 +177,9 @@ def _panels(run: run_lib.Run, writer, state, batch, step: int) -> None:
   else:
     reference, mask = run.reference_fn(run.frozen, inputs)
   images = run.eval_images_fn(state.lora, run.frozen, inputs)
-  writer.images(step, "reference_mask_finetuned", log_lib.panel(
-      *(distributed.gather(x) for x in (reference, mask, images))))
+  reference, mask, images = (distributed.gather(x) for x in (reference, mask, images))
+  if not run.step.members:
+    writer.images(step, "reference_mask_finetuned", log_lib.panel(reference, mask, images))
+  for i, name in enumerate(run.step.members):  # a sweep: one panel per member
+    writer.images(step, f"reference_mask_finetuned/{name}",
+                  log_lib.panel(reference, mask, images[i]))

@@ -193,8 +193,10 @@ def console_line(step: int, total: int, metrics: Mapping[str, Any], images_per_s
   """
   parts = [f"step {int(step)}/{int(total)}"]
   for key in CONSOLE_KEYS:
-    if key in metrics:
-      parts.append(f"{key} {_float(key, metrics[key]):.3g}")
+    # A sweep logs "loss/beta=0.1" etc. (runtime/loop.py): each member's, in order.
+    shown = [k for k in metrics if k == key or k.startswith(key + "/")]
+    if shown:
+      parts.append(f"{key} " + " ".join(f"{_float(k, metrics[k]):.3g}" for k in shown))
   rate = float(images_per_second)
   parts.append(f"{rate:.1f} img/s" if math.isfinite(rate) else "? img/s")
   eta = float(eta_seconds)

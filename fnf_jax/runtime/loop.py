@@ -148,6 +148,9 @@ class Loop:
   # state -> the tree a checkpoint holds (e.g. the state with the run's key)
   saved: Callable[[Any], Any] = lambda state: {"train": state}
   guard_message: str = "lower optim.lr, or check the reward and the data, before resuming"
+  # A sweep's member labels (fnf_jax/fnf/sweep.py): each metric is then [N], logged as
+  # "<name>/<label>" per member. () for a single run.
+  members: tuple = ()
 
 
 def run(loop: Loop, state, start: int, ckpt: checkpoint.Checkpointer, hosts: Iterable,
@@ -175,7 +178,7 @@ def run(loop: Loop, state, start: int, ckpt: checkpoint.Checkpointer, hosts: Ite
               or (loop.log_first and step == 0))
       if logs or final or (step + 1) % ckpt.every == 0:
         # Every fetched step's loss is checked, and always before a checkpoint is written.
-        last = _fetch(pending, ckpt, loop.guard_message)
+        last = _fetch(pending, ckpt, loop.guard_message, loop.members)
         pending = []
       if logs:
         elapsed = time.perf_counter() - tic
@@ -210,17 +213,27 @@ def run(loop: Loop, state, start: int, ckpt: checkpoint.Checkpointer, hosts: Ite
 GUARDED = ("loss", "grad_norm", "update_norm")
 
 
-def _fetch(pending: list, ckpt, advice: str) -> dict:
+def per_member(metrics: dict, members: tuple) -> dict:
+  """A sweep's metrics ([N] each) as one scalar per member: "loss/beta=0.1", ..."""
+  if not members:
+    return metrics
+  return {f"{k}/{name}": v[i] for k, v in metrics.items() for i, name in enumerate(members)}
+
+
+def _fetch(pending: list, ckpt, advice: str, members: tuple = ()) -> dict:
   """The device metrics of the steps since the last fetch, to host; raises at the first
-  non-finite one among them. Returns the newest step's metrics as floats."""
+  non-finite one among them (any member's, in a sweep). Returns the newest step's metrics as
+  floats."""
   for step, m in zip([s for s, _ in pending], jax.device_get([m for _, m in pending])):
-    bad = [k for k in GUARDED if k in m and not np.isfinite(m[k])]
-    if bad or m.get("nonfinite", False):
+    m = per_member(m, members)
+    base = lambda k: k.split("/")[0]
+    bad = [k for k in m if base(k) in GUARDED and not np.isfinite(m[k])]
+    if bad or any(m[k] for k in m if base(k) == "nonfinite"):
       ckpt.wait()
       latest = ckpt.latest_step()
       good = ("none was written yet" if latest is None else
               f"step {latest} in {ckpt.directory}")
-      shown = ", ".join(f"{k} {m[k]}" for k in GUARDED if k in m)
+      shown = ", ".join(f"{k} {m[k]}" for k in m if base(k) in GUARDED)
       raise NonFiniteLossError(
           f"non-finite {', '.join(bad) or 'weights'} at step {step} ({shown}); the step was "
           f"not applied and nothing after it was saved. Last good checkpoint: {good}; {advice}")

@@ -11,6 +11,7 @@ import math
 import os
 import struct
 
+from fnf_jax.config import sweep
 from fnf_jax.runtime import compilation
 
 GIB = 1024**3
@@ -63,10 +64,17 @@ def _memory(config, mesh_shape: dict) -> list[str]:
   lines = [f"  diffusion weights: {_size(total)} in {dtype}, {_size(total / fsdp)} per device "
            f"(fsdp = {fsdp})"]
   images = config.get("data", {}).get("batch_size", 0)
-  devices = math.prod(mesh_shape.values())
+  devices = sweep.batch_devices(mesh_shape)  # a sweep's members each see the whole batch
+  members = len(sweep.settings(config))
+  if members:
+    groups = mesh_shape.get(sweep.MESH_AXIS, 1)
+    lines.append(f"  sweep: {members} members ({', '.join(sweep.labels(config))}), "
+                 f"{members // groups} per device (mesh axis {sweep.MESH_AXIS!r} = {groups})")
   if images:
-    lines.append(f"  images per device: {images / devices:g} (data.batch_size = {images} over "
-                 f"{devices} devices)")
+    per_device = images * max(members, 1) / math.prod(mesh_shape.values())
+    each = f", for each of {members} members" if members else ""
+    lines.append(f"  images per device: {per_device:g} (data.batch_size = {images} over "
+                 f"{devices} devices{each})")
   lines.append("  the step's activations are not estimated without compiling; measured: "
                f"{SD15_STEP_GIB_PER_IMAGE[1]}")
   return lines

@@ -6,6 +6,7 @@ It starts the cluster (a `distributed` block that names no reachable cluster fai
 the mesh, and checks each batch the job splits over it: every device needs whole examples.
 """
 
+from fnf_jax.config import sweep
 from fnf_jax.config import validate
 from fnf_jax.runtime import distributed
 from fnf_jax.runtime import sharding
@@ -30,6 +31,6 @@ def check(config) -> dict[str, int] | None:
     return None
   distributed.initialize(config.distributed)
   mesh = sharding.make_mesh(dict(config.mesh))
-  for key in keys:
-    validate.check_batch(config, mesh.size, key)
+  for key in keys:  # a sweep's members each see the whole batch (config/sweep.py)
+    validate.check_batch(config, sweep.batch_devices(dict(mesh.shape)), key)
   return dict(mesh.shape)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from fnf_jax.config import choices
+from fnf_jax.config import sweep
 
 # logical axis -> mesh axis (or axes, or None for replicated): the configs' default, defined
 # with the other config choices (no jax there).
@@ -134,6 +135,14 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, axis: int = 0) ->
   names = [None] * ndim
   names[axis] = "batch"
   return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def stacked(mesh: Mesh, inner: NamedSharding | None = None) -> NamedSharding:
+  """The sharding of a sweep's stacked arrays [N, ...]: the members over the mesh axis "sweep"
+  where the mesh has one (else every device holds all of them); `inner`: one member's sharding
+  of the rest (None: replicated)."""
+  axis = sweep.MESH_AXIS if sweep.MESH_AXIS in mesh.shape else None
+  return NamedSharding(mesh, P(axis, *(() if inner is None else tuple(inner.spec))))
 
 
 def put(tree: Any, shardings: Any) -> Any:

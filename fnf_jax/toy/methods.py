@@ -3,14 +3,19 @@
 
 import copy
 
+from fnf_jax.config import sweep
+
 METHODS = ("base", "draft", "fnf")
 
 
 def method_config(config, method: str):
-  """The training config of "fnf" (the config itself) or "draft" (with config.draft applied)."""
+  """The training config of "fnf" (the config itself) or "draft" (with config.draft applied;
+  one run, also when the config sweeps Focus-N-Fix's objective: configs/toy.py:sweep)."""
   cfg = copy.deepcopy(config)
   if method == "draft":
     _override(cfg, config.draft, "draft")
+    if sweep.settings(cfg):
+      cfg = sweep.member_config(cfg, {})
   elif method != "fnf":
     raise ValueError(f"method {method!r} is not one of ('fnf', 'draft')")
   return cfg
