@@ -36,15 +36,17 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_compilation_cache_max_size", 64 * 2**30)
 
 # The files that take longest, longest first (seconds on one worker, 2026-12: test_train.py
-# 230, test_recovery.py 190, test_demo.py 180, test_multiprocess.py 130, test_launch.py 100,
-# then 35 to 80 each). pytest-xdist's loadfile hands out whole files in collection order, but
-# by default reorders them by their number of tests, which put these few-test files last: one
-# worker ran test_demo.py or test_multiprocess.py alone at the end while the other sat idle.
-# Longest first, the short files fill in at the end.
+# 230, test_recovery.py 190, test_demo.py 180, test_multiprocess.py 130, test_memory_settings.py
+# 100 to 200 (one test), test_launch.py 100, test_rahf.py 85, then 35 to 80 each).
+# pytest-xdist's loadfile hands out whole files in collection order, but by default reorders
+# them by their number of tests, which put these few-test files last: one worker ran
+# test_demo.py or test_multiprocess.py alone at the end while the other sat idle. Longest
+# first, the short files fill in at the end.
 LONGEST_FIRST = (
     "test_train.py", "test_recovery.py", "test_demo.py", "test_multiprocess.py",
-    "test_launch.py", "test_lora_io.py", "test_attention.py", "test_pipeline.py",
-    "test_step_pieces.py", "test_lora.py", "test_probe_gaps.py",
+    "test_memory_settings.py", "test_launch.py", "test_rahf.py", "test_lora_io.py",
+    "test_attention.py", "test_pipeline.py", "test_step_pieces.py", "test_lora.py",
+    "test_probe_gaps.py",
 )
 
 
