@@ -39,7 +39,9 @@ def env(devices: int) -> dict:
                      "--xla_backend_optimization_level=0",
            JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+           # Shared with both pytest-xdist workers: the locked LRU cache, as conftest.py sets.
+           JAX_COMPILATION_CACHE_MAX_SIZE=str(jax.config.jax_compilation_cache_max_size))
   e["PYTHONPATH"] = os.pathsep.join([ROOT, e.get("PYTHONPATH", "")])
   return e
 

@@ -88,9 +88,11 @@ def test_sigterm_saves_exits_143_and_leaves_no_final_lora(tmp_path, monkeypatch)
   assert sorted(read_metrics(workdir)) == [1, 2, 3, 4]
 
 
-def test_replayed_steps_keep_one_row_and_stale_saves_are_removed(tmp_path):
-  workdir = str(tmp_path)
-  main.run_job(tiny_config(), workdir)  # checkpoints at 2 and 4
+def test_replayed_steps_keep_one_row_and_stale_saves_are_removed(trained, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[0], workdir)  # the finished run: checkpoints at 2 and 4
   ckpts = os.path.join(workdir, "checkpoints")
   # As if killed after logging step 4, before its save finished.
   os.rename(os.path.join(ckpts, "4"), os.path.join(ckpts, "4.orbax-checkpoint-tmp-1"))
@@ -101,13 +103,15 @@ def test_replayed_steps_keep_one_row_and_stale_saves_are_removed(tmp_path):
   assert sorted(os.listdir(ckpts)) == ["2", "4"]
 
 
-def test_a_finished_run_says_so_without_compiling(tmp_path, caplog):
-  workdir = str(tmp_path)
-  main.run_job(tiny_config(**{"train.num_steps": 2}), workdir)
+def test_a_finished_run_says_so_without_compiling(trained, tmp_path, caplog):
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[0], workdir)  # a finished run (it used to be one of its own)
   os.remove(os.path.join(workdir, "lora.safetensors"))
   caplog.set_level("INFO")
-  main.run_job(tiny_config(**{"train.num_steps": 2}), workdir)
-  assert "is finished (step 2 of 2): nothing to train" in caplog.text
+  main.run_job(tiny_config(), workdir)
+  assert "is finished (step 4 of 4): nothing to train" in caplog.text
   assert "compiled the train step" not in caplog.text
   assert os.path.exists(os.path.join(workdir, "lora.safetensors"))  # written again
 
