@@ -86,7 +86,9 @@ def setup(config, base: Run | None = None) -> Run:
   step = train_step.build(pipe, reward, config, start)
   # The objective's weights: inputs of the step like the models (stacked over a sweep's members).
   weights = sharding.stacked(mesh) if step.members else sharding.replicated(mesh)
-  frozen = {**models, "objective": jax.device_put(step.objective, weights)}
+  # Placed by a program (as the step keys are): device_put of host values checks that every
+  # process passed the same, and that check fails on Python-float scalars.
+  frozen = {**models, "objective": jax.jit(lambda: step.objective, out_shardings=weights)()}
   frozen_shardings = {**model_shardings, "objective": weights}
   return Run(config=config, pipe=pipe, reward=reward, step=step, mesh=mesh, rules=rules,
              frozen=frozen, frozen_shardings=frozen_shardings,
