@@ -3,6 +3,7 @@ abstract parameters (no weights, no device memory: it runs on a laptop CPU).
 
   python benchmarks/memory.py --model sd15 --images 1 --grad_steps 2 --vae_remat 1
   python benchmarks/memory.py --table    # the BENCHMARKS.md table (2-core CPU: about 2 hours)
+  python benchmarks/memory.py --sweep 1,2,4,8   # a sweep of 1..8 settings, --images per member
 
 The step is the real `train_step.build` one: SD1.5 at 512² (or SDXL at 1024²), 50 DDIM steps
 with CFG 7.5, DRaFT-K, LoRA r = 64 on the attention projections, the cached reference, bfloat16

@@ -70,10 +70,9 @@ def check(config) -> None:
                         f"numbers (() = not swept)")
     for i, v in enumerate(values):
       probe = {"sweep": {f: v}}
-      low = 0.0
       open_low = f == "reward_weight"  # as objective.reward_weight: > 0; β, γ >= 0
       try:
-        number(probe, f"sweep.{f}", low, open_low=open_low)
+        number(probe, f"sweep.{f}", 0.0, open_low=open_low)
       except ConfigError as e:
         raise ConfigError(str(e).replace(f"config.sweep.{f} =", f"config.sweep.{f}[{i}] =")) \
             from None

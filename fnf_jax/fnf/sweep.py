@@ -21,12 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnf_jax.config import sweep as config_sweep
-from fnf_jax.config.sweep import label, labels, member_config, settings  # noqa: F401
 from fnf_jax.fnf import objective as objective_lib
 from fnf_jax.fnf import step_pieces
 
-FIELDS = config_sweep.FIELDS
-MESH_AXIS = config_sweep.MESH_AXIS
 FOLDER = "sweep"
 
 
@@ -38,9 +35,9 @@ def export_path(workdir: str, name: str) -> str:
 def objective(config) -> objective_lib.Objective:
   """The members' objectives stacked: each weight a float32 [N] array (the config's value where
   it is not swept); the γ-term is computed for all when any member has γ > 0."""
-  rows = settings(config)
+  rows = config_sweep.settings(config)
   weights = {f: np.asarray([s.get(f, config.objective[f]) for s in rows], np.float32)
-             for f in FIELDS}
+             for f in config_sweep.FIELDS}
   base = objective_lib.Objective.from_config(config.objective,
                                              latent=bool(np.any(weights["gamma"] > 0)))
   return base.replace(**weights)
@@ -50,6 +47,11 @@ def stack(tree, n: int):
   """`tree` repeated on a new leading axis of size n (every member starts from the same state,
   as each separate run would)."""
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+
+
+def member(tree, i: int):
+  """Member i's slice of a stacked tree (its LoRA, as a single run's)."""
+  return jax.tree.map(lambda x: x[i], tree)
 
 
 def _frozen_axes(frozen) -> dict:

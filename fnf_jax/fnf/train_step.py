@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from fnf_jax.fnf import method
+from fnf_jax.config import sweep as config_sweep
 from fnf_jax.fnf import objective
 from fnf_jax.runtime import optimizer as optimizer_lib
 from fnf_jax.diffusion import sampling
@@ -132,7 +133,7 @@ def build(pipe, reward: registry.Reward, config, start: dict | None = None) -> S
   init = p(init_state, tx, config.lora)
   loss_fn = p(loss, pipe, reward, s, lora_scale)
   eval_fn = p(method.eval_images, pipe, s, lora_scale)
-  members = sweep.labels(config)
+  members = config_sweep.labels(config)
   if members:
     n = len(members)
     obj = sweep.objective(config)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 from absl import logging
 
+from fnf_jax.config import sweep as config_sweep
 from fnf_jax.data import batch as batch_lib
 from fnf_jax.data import examples as examples_lib
 from fnf_jax.fnf import reference_cache
@@ -73,7 +74,7 @@ def _fit(config, workdir: str, run: run_lib.Run, changes: dict) -> tuple[dict, d
       start.checkpointer.close()
       logging.info("the run in %s is finished (step %d of %d): nothing to train", workdir,
                    start.step, t.num_steps)
-      return _finish(config, workdir, state, start.step), jax.device_get(state.lora)
+      return _finish(config, workdir, state, start.step)
 
     batch_size = config.data.batch_size
     rows = batch_lib.local_rows(batch_size, mesh, run.rules)
@@ -115,8 +116,8 @@ def _fit(config, workdir: str, run: run_lib.Run, changes: dict) -> tuple[dict, d
         make_host, range(start.step * batch_size, t.num_steps * batch_size, batch_size),
         config.data.prefetch)
     state, last = loop_lib.run(loop, state, start.step, start.checkpointer, hosts, step_fn)
-    _finish(config, workdir, state, t.num_steps)
-  return last, jax.device_get(state.lora)
+    _, lora = _finish(config, workdir, state, t.num_steps)
+  return last, lora
 
 
 def _start(config, workdir: str, run: run_lib.Run, changes: dict, rng):
@@ -151,21 +152,21 @@ def _start(config, workdir: str, run: run_lib.Run, changes: dict, rng):
   return state, rng, state_shardings, start
 
 
-def _finish(config, workdir: str, state, step: int) -> dict:
+def _finish(config, workdir: str, state, step: int) -> tuple[dict, dict]:
   """The end of training: the LoRA file (written only now, with its step in its metadata).
-  Returns the last logged metrics."""
+  Returns (the last logged metrics, the LoRA on every host: stacked [N, ...] in a sweep)."""
   # Gathered to every process (a sweep's members may be sharded over the "sweep" axis).
   lora = jax.tree.map(distributed.gather, state.lora)
-  members = sweep.labels(config)
+  members = config_sweep.labels(config)
   files = ([(lora, os.path.join(workdir, "lora.safetensors"))] if not members else
-           [(jax.tree.map(lambda x, i=i: x[i], lora), sweep.export_path(workdir, name))
+           [(sweep.member(lora, i), sweep.export_path(workdir, name))
             for i, name in enumerate(members)])
   if distributed.is_writer():
     for tree, path in files:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       checkpoint.export_lora_safetensors(tree, path, alpha=config.lora.alpha,
                                          rank=config.lora.rank, step=step)
-  return log_lib.last_row(workdir)
+  return log_lib.last_row(workdir), lora
 
 
 def _panels(run: run_lib.Run, writer, state, batch, step: int) -> None:

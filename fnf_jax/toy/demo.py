@@ -20,10 +20,10 @@ config, which reads the LoRAs back from the runs' checkpoints.
 import os
 import time
 
-import jax
 from absl import logging
 
 from fnf_jax.config import sweep as sweep_config
+from fnf_jax.fnf import sweep as sweep_lib
 from fnf_jax.jobs import evaluate as eval_job
 from fnf_jax.evaluation import report as eval_report
 from fnf_jax.fnf import run as run_lib
@@ -83,7 +83,7 @@ def _train(config, workdir: str):
   loras = {"draft": trained["draft"]}
   logs = {"draft": os.path.join(runs["draft"], "metrics.jsonl")}
   for i, label in enumerate(members):
-    loras[f"fnf:{label}"] = jax.tree.map(lambda x, i=i: x[i], trained["fnf"])
+    loras[f"fnf:{label}"] = sweep_lib.member(trained["fnf"], i)
     logs[f"fnf:{label}"] = (os.path.join(runs["fnf"], "metrics.jsonl"), label)
   return eval_run, loras, logs, seconds
 
