@@ -151,29 +151,37 @@ def _config(sd, vit_dir, t5_dir):
   return convert_rahf.model_config(vit_dir, t5_dir, sd)
 
 
-def test_converted_heads_equal_pytorch_on_the_same_features(reference):
-  model, sd, vit_dir, t5_dir = reference
+@pytest.fixture(scope="module")
+def converted(reference):
+  """(config, params) of the reference's state dict, as tools/convert_rahf.py converts it."""
+  _, sd, vit_dir, t5_dir = reference
   config = _config(sd, vit_dir, t5_dir)
+  return config, rahf_convert.convert_state_dict(sd, config, where="test")
+
+
+def test_converted_heads_equal_pytorch_on_the_same_features(reference, converted):
+  model = reference[0]
+  config, params = converted
   assert config.heads.heat_ups == HEAT_UPS and config.heads.score_mlp == SCORE_MLP
-  params = rahf_convert.convert_state_dict(sd, config, where="test")
   grid = np.random.default_rng(1).standard_normal((2, D, 3, 3)).astype(np.float32)
   with torch.no_grad():
     t_heat = model.heatmap_predictor["implausibility"](torch.from_numpy(grid)).numpy()
     t_score = model.score_predictor["plausibility"](torch.from_numpy(grid)).numpy()
   x = jnp.asarray(grid.transpose(0, 2, 3, 1))
-  heat = rahf.HeatmapHead(config.heads).apply({"params": params["heatmap_implausibility"]}, x)
-  score = rahf.ScoreHead(config.heads).apply({"params": params["score_plausibility"]}, x)
+  # Jitted, as the rewards run them: eagerly, each op of the heads would compile on its own.
+  heat = jax.jit(rahf.HeatmapHead(config.heads).apply)(
+      {"params": params["heatmap_implausibility"]}, x)
+  score = jax.jit(rahf.ScoreHead(config.heads).apply)({"params": params["score_plausibility"]}, x)
   assert heat.shape == (2, 48, 48)  # 16× the grid: the input resolution
   assert np.abs(np.asarray(heat) - t_heat).max() <= 1e-5
   assert np.abs(np.asarray(score) - t_score).max() <= 1e-5
 
 
-def test_converted_model_equals_pytorch_end_to_end(reference):
-  model, sd, vit_dir, t5_dir = reference
-  config = _config(sd, vit_dir, t5_dir)
-  params = rahf_convert.convert_state_dict(sd, config, where="test")
+def test_converted_model_equals_pytorch_end_to_end(reference, converted):
+  model = reference[0]
+  config, params = converted
   pixels, ids, mask = _inputs()
-  heat, score = rahf.RAHF(config).apply({"params": params}, pixels, ids, mask)
+  heat, score = jax.jit(rahf.RAHF(config).apply)({"params": params}, pixels, ids, mask)
   with torch.no_grad():
     t_heat, t_score = model(torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
                             torch.from_numpy(ids).long(), torch.from_numpy(mask).long())
@@ -194,6 +202,13 @@ def _convert(tmp_path, sd, vit_dir, t5_dir, name="rahf.safetensors"):
   return out
 
 
+@pytest.fixture(scope="module")
+def weights(reference, tmp_path_factory):
+  """The reference converted by the tool's command line: the file the rewards read."""
+  _, sd, vit_dir, t5_dir = reference
+  return _convert(tmp_path_factory.mktemp("converted"), sd, vit_dir, t5_dir)
+
+
 def _reward_cfg(name, weights, vit_dir, t5_dir, length=12):
   import ml_collections  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(dict(name=name, vit_path=vit_dir, t5_path=t5_dir,
@@ -201,9 +216,8 @@ def _reward_cfg(name, weights, vit_dir, t5_dir, length=12):
                                         max_prompt_tokens=length))
 
 
-def test_the_rewards_read_the_converted_file_with_prompts_in_t5_tokens(reference, tmp_path):
-  model, sd, vit_dir, t5_dir = reference
-  weights = _convert(tmp_path, sd, vit_dir, t5_dir)
+def test_the_rewards_read_the_converted_file_with_prompts_in_t5_tokens(reference, weights):
+  model, _, vit_dir, t5_dir = reference
   reward = registry.build(_reward_cfg("rahf_plausibility", weights, vit_dir, t5_dir))
   # The reward holds its two heads only.
   assert sorted(reward.params) == ["heatmap_implausibility", "score_plausibility", "t5",
@@ -212,8 +226,9 @@ def test_the_rewards_read_the_converted_file_with_prompts_in_t5_tokens(reference
   ids = reward.tokenize(prompts)
   assert ids.shape == (2, 12) and ids.dtype == np.int32
   images = np.random.default_rng(2).uniform(size=(2, 48, 48, 3)).astype(np.float32)
-  score = jax.jit(reward.score)(reward.params, images, ids)
-  heat = jax.jit(reward.heatmap)(reward.params, images, ids)
+  # Score and heatmap in one program: one compile instead of two.
+  score, heat = jax.jit(lambda p, x, i: (reward.score(p, x, i), reward.heatmap(p, x, i)))(
+      reward.params, images, ids)
   mask = (ids != 0).astype(np.int64)
   with torch.no_grad():
     t_heat, t_score = model(torch.from_numpy((images.transpose(0, 3, 1, 2) - 0.5) / 0.5),
@@ -230,20 +245,23 @@ def test_plausibility_gradients_are_finite_and_nonzero_and_its_heatmap_makes_a_m
   reward = registry.build(_reward_cfg("rahf_plausibility", "tiny", "", "", length=8))
   images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 32, 32, 3)), jnp.float32)
   ids = jnp.asarray(reward.tokenize(["a red circle", "a blue square"]))
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(reward.score(reward.params, x, ids))))(images)
-  assert np.isfinite(grad).all() and np.abs(grad).max() > 0
-  heat = jax.jit(reward.heatmap)(reward.params, images, ids)
-  assert heat.shape == (2, 64, 64) and float(heat.min()) >= 0 and float(heat.max()) <= 1
   import ml_collections  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict(dict(threshold=0.8, threshold_mode="quantile", dilation=0,
                                        blur=0.0, gate="none", gate_threshold=0.0))
-  mask = masks.from_config(heat, (32, 32), cfg)
+
+  def grad_heat_mask(p, x):  # one program, as in the train step (one compile, not three)
+    heat = reward.heatmap(p, x, ids)
+    grad = jax.grad(lambda x: jnp.sum(reward.score(p, x, ids)))(x)
+    return grad, heat, masks.from_config(heat, (32, 32), cfg)
+
+  grad, heat, mask = jax.jit(grad_heat_mask)(reward.params, images)
+  assert np.isfinite(grad).all() and np.abs(grad).max() > 0
+  assert heat.shape == (2, 64, 64) and float(heat.min()) >= 0 and float(heat.max()) <= 1
   assert mask.shape == (2, 32, 32) and 0.1 < float(mask.mean()) < 0.35  # the top fifth
 
 
-def test_bad_folders_and_files_are_named(reference, tmp_path):
+def test_bad_folders_and_files_are_named(reference, converted, weights, tmp_path):
   _, sd, vit_dir, t5_dir = reference
-  weights = _convert(tmp_path, sd, vit_dir, t5_dir)
   # A ViT of another patch size, or another width, than the converted weights.
   for field, value in (("patch_size", 8), ("hidden_size", 40)):
     other = tmp_path / f"vit_{field}"
@@ -262,15 +280,15 @@ def test_bad_folders_and_files_are_named(reference, tmp_path):
     registry.build(_reward_cfg("rahf_plausibility", weights, vit_dir, str(bare)))
   # A checkpoint without the misalignment head: converts, but rahf_alignment names what is missing.
   partial = {k: v for k, v in sd.items() if not k.startswith("heatmap_predictor.misalignment.")}
-  weights = _convert(tmp_path, partial, vit_dir, t5_dir, name="partial.safetensors")
-  with pytest.raises(convert.CheckpointError, match=rf"(?s){weights} has no heatmap head "
+  partial_file = _convert(tmp_path, partial, vit_dir, t5_dir, name="partial.safetensors")
+  with pytest.raises(convert.CheckpointError, match=rf"(?s){partial_file} has no heatmap head "
                      r"'misalignment' \(it has \['implausibility'\]\).*convert_rahf.py"):
-    registry.build(_reward_cfg("rahf_alignment", weights, vit_dir, t5_dir))
+    registry.build(_reward_cfg("rahf_alignment", partial_file, vit_dir, t5_dir))
   # A checkpoint with a head cut short fails in the conversion, naming the key.
   broken = {k: v for k, v in sd.items() if k != "score_predictor.overall.linear_layers.4.weight"}
   with pytest.raises(convert.CheckpointError,
                      match=r"missing 'score_predictor.overall.linear_layers.4.weight'"):
-    rahf_convert.convert_state_dict(broken, _config(sd, vit_dir, t5_dir), where="broken.pth")
+    rahf_convert.convert_state_dict(broken, converted[0], where="broken.pth")
   # Not our layout at all.
   with pytest.raises(convert.CheckpointError, match=r"not RAHF weights in fnf_jax's layout"):
     rahf.read_heads(os.path.join(vit_dir, "model.safetensors"))
@@ -287,14 +305,16 @@ def test_the_cpu_variants_train_and_resume(name, tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("runlocal")
-  config.train.num_steps, config.checkpoint.every, config.log.every = 2, 2, 1
+  # One step and its checkpoint, then a resume for one more: all a resume needs (more steps
+  # would rerun the same compiled programs).
+  config.train.num_steps, config.checkpoint.every, config.log.every = 1, 1, 1
   config.log.image_every, config.log.tensorboard = 0, False
   config.mesh = {"data": 2, "fsdp": 1}  # the batch of 2, one example a device
   workdir = str(tmp_path)
   main.run_job(config, workdir)
-  config.train.num_steps = 3  # a resume that trains one step more
+  config.train.num_steps = 2  # a resume that trains one step more
   main.run_job(config, workdir)
   rows = read_metrics(workdir)
-  assert sorted(rows) == [1, 2, 3]
+  assert sorted(rows) == [1, 2]
   assert all(np.isfinite(r["loss"]) and 0 < r["reward"] < 1 for r in rows.values())
   assert any(r["mask_area"] > 0 for r in rows.values())
