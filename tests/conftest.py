@@ -5,9 +5,11 @@ Must run before jax is imported anywhere, which conftest.py guarantees.
 
 import os
 
-# LLVM optimisation off: the test models are tiny, so compiling dominates and running does not.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+# XLA's default (LLVM) optimisation. Level 0 compiled a little faster but ran ~5x slower: a
+# tiny training step took 3 CPU-s instead of 0.6, and with the persistent cache below most
+# programs are compiled once and run many times (test_train.py: 178 CPU-s against 198, and 140 s
+# wall against 192, measured back to back).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -28,25 +30,30 @@ _CACHE_VAR = "FNF_JAX_TEST_COMPILATION_CACHE"
 if not os.environ.get(_CACHE_VAR):
   os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="fnf_jax_cc_")
 jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# Programs that compile in under 50 ms (eager ops, by the thousand) are not cached: with the size
+# limit below, each write lists the whole folder and reads every entry's access time, so the
+# cost of a write grew with the cache (66 ms per write at 2,200 entries, and the whole suite
+# wrote ~3,000), well above compiling such a program again. The train step's pieces take longer.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # A size limit turns on JAX's LRU cache, whose reads and writes hold a file lock: two workers
 # (or a worker and test_multiprocess's subprocesses) that write the same entry at once could
 # otherwise interleave their bytes. The limit itself is never reached.
 jax.config.update("jax_compilation_cache_max_size", 64 * 2**30)
 
-# The files that take longest, longest first (seconds on one worker, 2026-12: test_train.py
-# 230, test_recovery.py 190, test_demo.py 180, test_multiprocess.py 130, test_memory_settings.py
-# 100 to 200 (one test), test_launch.py 100, test_rahf.py 85, then 35 to 80 each).
+# The files that take longest, longest first (seconds on one worker, 2026-12-06: test_demo.py
+# ~180 (one subprocess run), test_multiprocess.py ~150, test_train.py ~140, test_recovery.py
+# ~130, test_sweep.py ~130, test_rahf.py ~100, test_attention.py, test_launch.py,
+# test_lora_io.py, test_pipeline.py 40 to 80, then 10 to 50 each).
 # pytest-xdist's loadfile hands out whole files in collection order, but by default reorders
 # them by their number of tests, which put these few-test files last: one worker ran
 # test_demo.py or test_multiprocess.py alone at the end while the other sat idle. Longest
 # first, the short files fill in at the end.
 LONGEST_FIRST = (
-    "test_train.py", "test_recovery.py", "test_demo.py", "test_multiprocess.py",
-    "test_memory_settings.py", "test_launch.py", "test_rahf.py", "test_lora_io.py",
-    "test_attention.py", "test_pipeline.py", "test_step_pieces.py", "test_lora.py",
-    "test_probe_gaps.py",
+    "test_demo.py", "test_multiprocess.py", "test_train.py", "test_recovery.py", "test_sweep.py",
+    "test_rahf.py", "test_attention.py", "test_launch.py", "test_lora_io.py", "test_pipeline.py",
+    "test_step_pieces.py", "test_lora.py", "test_memory_settings.py", "test_train_reward.py",
+    "test_sampling.py", "test_sweep_eval.py", "test_probe_gaps.py",
 )
 
 

@@ -27,8 +27,7 @@ FLAGS = [f"--config={ROOT}/configs/violence.py:runlocal", f"--config.train.num_s
 
 def env() -> dict:
   e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-           XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                     "--xla_backend_optimization_level=0")
+           XLA_FLAGS="--xla_force_host_platform_device_count=1")
   e["PYTHONPATH"] = os.pathsep.join([ROOT, e.get("PYTHONPATH", "")])
   return e
 

@@ -32,13 +32,13 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-  # The settings of conftest.py (no LLVM optimisation, full-precision matmuls, its persistent
-  # compilation cache, which the resumed runs hit), with this process's device count.
+  # The settings of conftest.py (full-precision matmuls, its persistent compilation cache, which
+  # the resumed runs hit), with this process's device count.
   e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                     "--xla_backend_optimization_level=0",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
            JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(
+               jax.config.jax_persistent_cache_min_compile_time_secs),
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
            # Shared with both pytest-xdist workers: the locked LRU cache, as conftest.py sets.
            JAX_COMPILATION_CACHE_MAX_SIZE=str(jax.config.jax_compilation_cache_max_size))

@@ -251,8 +251,8 @@ def _main(workdir: str, *overrides: str) -> subprocess.CompletedProcess:
   return subprocess.run(
       [sys.executable, "-m", "fnf_jax.main", "--config=configs/violence.py:runlocal",
        f"--workdir={workdir}", *overrides], cwd=os.path.dirname(os.path.dirname(__file__)),
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_"
-               "count=1 --xla_backend_optimization_level=0"),
+      env=dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1"),
       capture_output=True, text=True, timeout=300)
 
 
