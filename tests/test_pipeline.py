@@ -3,13 +3,17 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import tiny_pipelines
 from fnf_jax.diffusion import pipeline
+from fnf_jax.diffusion import random_models
 from fnf_jax.models import convert
+from fnf_jax.models import vae as vae_lib
 
 PROMPTS = ["a red circle", "a photo of a cat holding a sign"]
 STEPS = 4
@@ -126,3 +130,26 @@ def test_sample_job_writes_pngs_and_index(tmp_path):
   assert {(r["prompt"], r["seed"]) for r in meta["images"]} == {(p, s) for p in PROMPTS for s in (0, 1)}
   for r in meta["images"]:
     assert os.path.getsize(out / r["file"]) > 100
+
+
+def test_abstract_params_are_traced_once_per_model_and_input_shapes(monkeypatch):
+  # A run's setup and its random pipeline, and every later run in the process, ask for the
+  # same models' abstract params: traced once, each caller given its own containers.
+  traced = []
+  trace = convert._abstract_params  # pylint: disable=protected-access
+  monkeypatch.setattr(convert, "_abstract_params",
+                      lambda *a: traced.append(a[0]) or trace(*a))
+  monkeypatch.setattr(convert, "_ABSTRACT", {})
+  module = random_models.random_pipeline(weights=False).vae
+  first = convert.abstract_params(module, vae_lib.dummy_images(module.config))
+  images = vae_lib.dummy_images(module.config)
+  again = convert.abstract_params(module.clone(), jnp.ones(images.shape))  # equal, not the same
+  assert len(traced) == 1
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), first) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), again)
+  first["decoder"] = None  # a caller's edit reaches no one else
+  assert convert.abstract_params(module, vae_lib.dummy_images(module.config))["decoder"]
+  # Another input shape or another model is traced again.
+  convert.abstract_params(module, jnp.zeros((1, 32, 32, 3)))
+  convert.abstract_params(module.clone(dtype=jnp.bfloat16), vae_lib.dummy_images(module.config))
+  assert len(traced) == 3

@@ -248,6 +248,27 @@ def to_params(state_dict: Mapping[str, np.ndarray], abstract_params: Any, *, whe
 
 
 def abstract_params(module: nn.Module, *args, **kwargs) -> Any:
-  """Shape/dtype tree of `module`'s params (with logical-axis boxes) without allocating them."""
+  """Shape/dtype tree of `module`'s params (with logical-axis boxes) without allocating them.
+
+  Remembered per module (linen modules compare by their fields) and input shapes: tracing a
+  model's init costs about a second, and a process builds the same models again (a run's
+  setup and its pipeline, a resumed run, the tests' many tiny runs). Each call gets its own
+  containers, so a caller that edits the tree changes no one else's."""
+  spec = lambda x: (x.shape, np.dtype(x.dtype).str) if hasattr(x, "shape") else ("value", x)
+  try:
+    key = (module, tuple(map(spec, args)), tuple((k, spec(v)) for k, v in sorted(kwargs.items())))
+    hash(key)
+  except TypeError:  # a module with an unhashable field: traced every time
+    return _abstract_params(module, args, kwargs)
+  cached = _ABSTRACT.get(key)
+  if cached is None:
+    cached = _ABSTRACT[key] = _abstract_params(module, args, kwargs)
+  return jax.tree.map(lambda leaf: leaf, cached)
+
+
+_ABSTRACT: dict = {}  # (module, input specs) -> abstract params; a few entries per model family
+
+
+def _abstract_params(module: nn.Module, args, kwargs) -> Any:
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
   return variables["params"]
