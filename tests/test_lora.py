@@ -79,7 +79,7 @@ def test_collection_folds_the_scale_into_b_and_zero_b_changes_nothing():
   # B = 0 at init: the model with its LoRA is the base model, bit for bit.
   module = unet_lib.UNet2DConditionModel(CFG)
   inputs = unet_lib.dummy_inputs(CFG, batch=2, size=8, context_length=5)
-  base = module.apply({"params": params}, *inputs[:3])
-  with_lora = module.apply({"params": params, "lora": lora_lib.collection(lora, 2.0)},
-                           *inputs[:3])
+  apply = jax.jit(module.apply)  # one program each (eagerly, every op compiles on its own)
+  base = apply({"params": params}, *inputs[:3])
+  with_lora = apply({"params": params, "lora": lora_lib.collection(lora, 2.0)}, *inputs[:3])
   np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
