@@ -16,8 +16,8 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 # Fast suite (CPU only). Slow tests (full-size models) are marked `slow`: run them with `make test-slow`.
-# Two pytest-xdist workers, one per test file at a time: compiling (single-threaded) dominates
-# most tests, so two files overlap well on two cores.
+# Two pytest-xdist workers, one per test file at a time (the longest files first: tests/conftest.py),
+# sharing one persistent compilation cache.
 XDIST ?= -n 2 --dist loadfile
 test: install
 	$(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS) tests
