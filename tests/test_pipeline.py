@@ -141,15 +141,15 @@ def test_abstract_params_are_traced_once_per_model_and_input_shapes(monkeypatch)
                       lambda *a: traced.append(a[0]) or trace(*a))
   monkeypatch.setattr(convert, "_ABSTRACT", {})
   module = random_models.random_pipeline(weights=False).vae
-  first = convert.abstract_params(module, vae_lib.dummy_images(module.config))
   images = vae_lib.dummy_images(module.config)
+  first = convert.abstract_params(module, images)
   again = convert.abstract_params(module.clone(), jnp.ones(images.shape))  # equal, not the same
   assert len(traced) == 1
   assert jax.tree.map(lambda x: (x.shape, x.dtype), first) == jax.tree.map(
       lambda x: (x.shape, x.dtype), again)
   first["decoder"] = None  # a caller's edit reaches no one else
-  assert convert.abstract_params(module, vae_lib.dummy_images(module.config))["decoder"]
+  assert convert.abstract_params(module, images)["decoder"]
   # Another input shape or another model is traced again.
   convert.abstract_params(module, jnp.zeros((1, 32, 32, 3)))
-  convert.abstract_params(module.clone(dtype=jnp.bfloat16), vae_lib.dummy_images(module.config))
+  convert.abstract_params(module.clone(dtype=jnp.bfloat16), images)
   assert len(traced) == 3
